@@ -1,0 +1,12 @@
+"""ot_losses: log-domain optimal-transport solvers and the cross-modal losses built on them."""
+from .results import MultiAssignmentResult, PartialOTResult, SinkhornResult
+from .solvers.sinkhorn import sinkhorn
+
+__version__ = "0.1.0"
+
+__all__ = sorted([
+    "MultiAssignmentResult",
+    "PartialOTResult",
+    "SinkhornResult",
+    "sinkhorn",
+])

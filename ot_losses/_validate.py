@@ -1,0 +1,204 @@
+"""Every input check of the public entry points, and every error message.
+
+Shapes, dtypes and devices are checked before any value is read (reading
+values syncs a GPU); value checks (NaN, sign, mass) come last. Messages name
+the argument, what was expected and what was received.
+"""
+import math
+from numbers import Real
+
+import torch
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(x):
+    return tuple(x.shape)
+
+
+def check_tensor(x, name):
+    """``x`` must be a floating torch tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64); "
+                        f"got {x.dtype}")
+
+
+def check_cost(cost, name="cost"):
+    """Check the cost's type and shape; return it as ``(B, N, M)`` and whether it was batched."""
+    check_tensor(cost, name)
+    if cost.ndim not in (2, 3):
+        raise ValueError(f"{name} must have shape (N, M) or (B, N, M); got {_shape(cost)}")
+    if any(s == 0 for s in cost.shape):
+        raise ValueError(f"{name} must have no empty dimension; got shape {_shape(cost)}")
+    batched = cost.ndim == 3
+    return (cost if batched else cost.unsqueeze(0)), batched
+
+
+def compute_dtype(cost):
+    """fp64 stays fp64; every other floating dtype is computed in fp32."""
+    return torch.float64 if cost.dtype == torch.float64 else torch.float32
+
+
+def check_marginal(x, name, cost3, dim, batched):
+    """Check a marginal (``dim`` = 1 for rows/``a``, 2 for columns/``b``) and return ``(B, size)`` weights.
+
+    ``None`` gives uniform weights ``1/size``. Values are checked later by
+    :func:`check_marginal_values` (after every shape check).
+    """
+    B, size = cost3.shape[0], cost3.shape[dim]
+    dtype = compute_dtype(cost3)
+    if x is None:
+        return torch.full((B, size), 1.0 / size, dtype=dtype, device=cost3.device)
+    check_tensor(x, name)
+    ok = _shape(x) == (size,) or (batched and _shape(x) == (B, size))
+    if not ok:
+        want = f"({size},)" + (f" or ({B}, {size})" if batched else "")
+        raise ValueError(f"{name} must have shape {want} to match cost of shape "
+                         f"{_shape(cost3) if batched else _shape(cost3)[1:]}; got {_shape(x)}")
+    check_same_device(x, name, cost3)
+    return x.to(dtype).expand(B, size)
+
+
+def check_same_device(x, name, cost, cost_name="cost"):
+    if x.device != cost.device:
+        raise ValueError(f"{name} must be on the same device as {cost_name} ({cost.device}); got {x.device}")
+
+
+def check_cost_values(cost3, name="cost"):
+    """No NaN and no ``-inf``; ``+inf`` marks forbidden entries."""
+    if torch.isnan(cost3).any():
+        raise ValueError(f"{name} must not contain NaN; got {int(torch.isnan(cost3).sum())} NaN entries")
+    if torch.isneginf(cost3).any():
+        raise ValueError(f"{name} must not contain -inf (+inf marks forbidden entries); "
+                         f"got {int(torch.isneginf(cost3).sum())} -inf entries")
+
+
+def check_marginal_values(w, name):
+    """Finite, non-negative, positive total mass per problem."""
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{name} must be finite; got NaN or Inf entries")
+    if (w < 0).any():
+        raise ValueError(f"{name} must be non-negative; got minimum {w.min().item():.3g}")
+    if (w.sum(-1) <= 0).any():
+        raise ValueError(f"{name} must have positive total mass; got a problem with total mass 0")
+
+
+def check_equal_mass(a, b):
+    ma, mb = a.sum(-1), b.sum(-1)
+    if not torch.allclose(ma, mb, rtol=1e-5, atol=0.0):
+        i = int(torch.argmax((ma - mb).abs()))
+        raise ValueError(f"a and b must have equal total mass (relative tolerance 1e-5) for a balanced "
+                         f"problem; got sum(a)={ma[i].item():.8g}, sum(b)={mb[i].item():.8g}; "
+                         f"pass reach= for unbalanced OT")
+
+
+def check_feasible(cost3, a, b, name="cost"):
+    """A row or column with positive mass must have at least one allowed (finite) entry."""
+    allowed = torch.isfinite(cost3)
+    bad_rows = (~allowed.any(-1)) & (a > 0)
+    bad_cols = (~allowed.any(-2)) & (b > 0)
+    if bad_rows.any():
+        idx = bad_rows.nonzero()[0].tolist()
+        raise ValueError(f"{name} has a row with positive mass whose entries are all +inf (forbidden): "
+                         f"row {idx[-1]}" + (f" of problem {idx[0]}" if cost3.shape[0] > 1 else ""))
+    if bad_cols.any():
+        idx = bad_cols.nonzero()[0].tolist()
+        raise ValueError(f"{name} has a column with positive mass whose entries are all +inf (forbidden): "
+                         f"column {idx[-1]}" + (f" of problem {idx[0]}" if cost3.shape[0] > 1 else ""))
+
+
+def check_positive(x, name):
+    """A finite real number > 0."""
+    if isinstance(x, bool) or not isinstance(x, Real):
+        raise TypeError(f"{name} must be a positive real number; got {type(x).__name__}")
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"{name} must be a finite number > 0; got {x}")
+    return float(x)
+
+
+def check_n_iters(n_iters, name="n_iters"):
+    if isinstance(n_iters, bool) or not isinstance(n_iters, int):
+        raise TypeError(f"{name} must be an int >= 1; got {type(n_iters).__name__}")
+    if n_iters < 1:
+        raise ValueError(f"{name} must be >= 1; got {n_iters}")
+    return n_iters
+
+
+def check_tol(tol):
+    return None if tol is None else check_positive(tol, "tol")
+
+
+def check_choice(x, name, choices):
+    if x not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {x!r}")
+    return x
+
+
+def check_reach(reach):
+    """``None`` (balanced), a float rho, or a pair; ``inf`` means balanced on that side."""
+    if reach is None:
+        return None
+    pair = tuple(reach) if isinstance(reach, (tuple, list)) else (reach, reach)
+    if len(pair) != 2:
+        raise ValueError(f"reach must be a float or a pair (rho_a, rho_b); got {len(pair)} values")
+    out = []
+    for r in pair:
+        if isinstance(r, bool) or not isinstance(r, Real):
+            raise TypeError(f"reach must be a positive float or a pair of them; got {type(r).__name__}")
+        if not r > 0 or math.isnan(r):
+            raise ValueError(f"reach must be > 0 (inf for a balanced side); got {r}")
+        out.append(float(r))
+    return tuple(out)
+
+
+def check_eps_schedule(eps_schedule, eps):
+    if eps_schedule is None:
+        return []
+    sched = [check_positive(e, "eps_schedule") for e in eps_schedule]
+    if any(e < eps for e in sched) or any(x < y for x, y in zip(sched, sched[1:])):
+        raise ValueError(f"eps_schedule must be a decreasing sequence of values >= eps={eps}; got {sched}")
+    return sched
+
+
+def check_init(init, cost3, batched):
+    """Warm-start potentials ``(f, g)``: shapes of the marginals; returns ``(B, N)``, ``(B, M)``."""
+    if init is None:
+        return None
+    if not isinstance(init, (tuple, list)) or len(init) != 2:
+        raise TypeError(f"init must be a pair (f, g) of tensors; got {type(init).__name__}")
+    dtype = compute_dtype(cost3)
+    out = []
+    for x, name, dim in ((init[0], "init[0] (f)", 1), (init[1], "init[1] (g)", 2)):
+        w = check_marginal(x, name, cost3, dim, batched)
+        if not torch.isfinite(w).all():
+            raise ValueError(f"{name} must be finite; got NaN or Inf entries")
+        out.append(w.to(dtype).clone())
+    return tuple(out)
+
+
+def check_mass(mass, a, b):
+    """Partial OT: ``0 < mass <= min(sum a, sum b)`` per problem; returns a ``(B,)`` tensor."""
+    if isinstance(mass, bool) or not isinstance(mass, (Real, torch.Tensor)):
+        raise TypeError(f"mass must be a positive float; got {type(mass).__name__}")
+    m = torch.as_tensor(mass, dtype=a.dtype, device=a.device).expand(a.shape[0])
+    limit = torch.minimum(a.sum(-1), b.sum(-1))
+    if not torch.isfinite(m).all() or (m <= 0).any() or (m > limit * (1 + 1e-6)).any():
+        raise ValueError(f"mass must satisfy 0 < mass <= min(sum(a), sum(b)) = {limit.min().item():.6g}; "
+                         f"got {mass}")
+    return torch.minimum(m, limit)
+
+
+def check_k(k, n_cols):
+    if isinstance(k, bool) or not isinstance(k, Real):
+        raise TypeError(f"k must be a real number; got {type(k).__name__}")
+    if not (1 <= k < n_cols):
+        raise ValueError(f"k must satisfy 1 <= k < M = {n_cols} (number of columns); got {k}")
+    return float(k)
+
+
+def check_grad_backend(grad, backend):
+    if grad == "unroll" and backend == "triton":
+        raise ValueError("grad='unroll' needs the torch backend (autograd through the iterations); "
+                         "got backend='triton': use grad='envelope' or backend='torch'")

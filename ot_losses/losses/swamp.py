@@ -1,0 +1,232 @@
+"""SwAMP: swapped assignment of multi-modal pairs (Kim, AISTATS 2023), METHODS.md section 2.
+
+Each modality's batch is self-labelled against shared prototypes by SwAV's
+equipartition Sinkhorn (METHODS.md section 1: prototype side updated first,
+then ``Q *= N``), and each member of a pair is trained to predict the other
+member's pseudo-label.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..solvers.sinkhorn import sinkhorn
+from .info_nce import (_check_device, _check_matrix, _check_pair, _check_positive, _check_weight,
+                       _compute_dtype, _no_autocast, info_nce_loss)
+
+__all__ = ["SwAMPDetails", "SwAMPLoss", "swamp_loss", "swav_targets"]
+
+
+@dataclass(frozen=True)
+class SwAMPDetails:
+    """Diagnostics of :func:`swamp_loss`.
+
+    Attributes:
+        q_a, q_b: (N, K) pseudo-labels of the batch rows (rows sum to 1; no grad).
+        scores_a, scores_b: (N, K) detached scores ``z c^T``.
+        marginal_error_a, marginal_error_b: the solver's L1 marginal error.
+        n_iters: Sinkhorn iterations run per modality.
+    """
+    q_a: torch.Tensor
+    q_b: torch.Tensor
+    scores_a: torch.Tensor
+    scores_b: torch.Tensor
+    marginal_error_a: float
+    marginal_error_b: float
+    n_iters: int
+
+
+def swav_targets(scores, *, eps=0.05, n_iters=3, backend="auto"):
+    """SwAV's ``distributed_sinkhorn`` (world size 1) in the log domain, no gradient.
+
+    ``Q = N * sinkhorn(-S^T, eps=eps, n_iters=n_iters).plan^T``: the prototype
+    side (rows of ``-S^T``) is normalised first, the sample side last, so every
+    row of ``Q`` sums to 1 whatever ``n_iters``.
+
+    Args:
+        scores: (N, K) floating tensor of scores ``z_i . c_k`` (detached inside;
+            computed in fp32, or fp64 for fp64 input, with autocast off).
+        eps: positive float, absolute entropic regularisation (score units).
+        n_iters: number of Sinkhorn iterations (SwAV: 3).
+        backend: solver backend, see :func:`ot_losses.sinkhorn`.
+
+    Returns:
+        ``(Q, result)``: (N, K) tensor whose rows sum to 1, and the solver result.
+    """
+    with torch.no_grad(), _no_autocast(scores.device):
+        s = scores.detach().to(_compute_dtype(scores))
+        res = sinkhorn(-s.T, eps=eps, n_iters=n_iters, grad="none", backend=backend)
+        q = s.shape[0] * res.plan.T
+    return q, res
+
+
+def swamp_loss(z_a, z_b, prototypes, *, eps=0.05, temperature=0.1, n_iters=3, queue_a=None,
+               queue_b=None, normalize=True, backend="auto", return_details=False):
+    """Swapped cross-entropy between the two members of each pair, SwAV pseudo-labels.
+
+    ``L = 1/2 [ -1/N sum_ik Q_b[i,k] log p_a(k|i) - 1/N sum_ik Q_a[i,k] log p_b(k|i) ]``,
+    ``p_m(k|i) = softmax_k(z_m,i . c_k / T)``, ``Q_m = swav_targets(z_m c^T)`` (no gradient).
+
+    Args:
+        z_a: (N, D) floating tensor, embeddings of modality a.
+        z_b: (N, D) floating tensor, embeddings of modality b (row i pairs with ``z_a[i]``).
+        prototypes: (K, D) floating tensor of prototypes shared by both modalities.
+        eps: positive float, entropic regularisation of the pseudo-label OT (score units).
+        temperature: positive float, softmax temperature ``T`` of the predictor.
+        n_iters: Sinkhorn iterations (SwAV: 3).
+        queue_a, queue_b: optional (Q, D) past embeddings of each modality; they join
+            the OT problem (rows ``[queue; batch]``, SwAV scaling by ``Q + N``) and only
+            the last N rows of the targets are used.
+        normalize: L2-normalise embeddings, queues and prototypes first.
+        backend: solver backend passed to :func:`ot_losses.sinkhorn`.
+        return_details: also return a :class:`SwAMPDetails`.
+
+    Returns:
+        Scalar tensor (fp32; fp64 for fp64 inputs); with ``return_details``,
+        ``(loss, details)``. Gradients reach ``z_a``, ``z_b`` and ``prototypes``
+        through the log-softmax only. Under autocast the scores may be low
+        precision; the OT and the log-softmax run in fp32.
+
+    Raises:
+        TypeError / ValueError: wrong ndim, mismatched N or D, devices, or
+            non-positive ``eps`` / ``temperature`` (the solver checks ``n_iters``).
+
+    Example:
+        >>> import torch
+        >>> z = torch.randn(8, 4)
+        >>> c = torch.ones(5, 4)          # all scores equal -> loss = log K
+        >>> round(swamp_loss(z, z.flip(0), c).item(), 4) == round(float(torch.log(torch.tensor(5.0))), 4)
+        True
+
+    Reference: Kim, "Swapped Assignment of Multi-Modal Pairs" (arXiv 2111.05814);
+    targets from SwAV (Caron et al., 2020).
+    """
+    _check_pair(z_a, z_b)
+    dim = z_a.shape[1]
+    _check_matrix(prototypes, "prototypes", cols=dim, cols_desc="D")
+    if queue_a is not None:
+        _check_matrix(queue_a, "queue_a", cols=dim, cols_desc="D")
+    if queue_b is not None:
+        _check_matrix(queue_b, "queue_b", cols=dim, cols_desc="D")
+    _check_device(z_a, "z_a", (z_b, "z_b"), (prototypes, "prototypes"), (queue_a, "queue_a"),
+                  (queue_b, "queue_b"))
+    _check_positive(eps, "eps")
+    _check_positive(temperature, "temperature")
+
+    if normalize:
+        z_a, z_b = F.normalize(z_a, dim=1), F.normalize(z_b, dim=1)
+        prototypes = F.normalize(prototypes, dim=1)
+    n = z_a.shape[0]
+    dtype = _compute_dtype(z_a, z_b, prototypes)
+    scores_a = (z_a @ prototypes.T).to(dtype)
+    scores_b = (z_b @ prototypes.T).to(dtype)
+
+    q_parts, res_parts = [], []
+    for scores, queue in ((scores_a, queue_a), (scores_b, queue_b)):
+        with torch.no_grad():
+            s = scores.detach()
+            if queue is not None and queue.shape[0] > 0:
+                qz = F.normalize(queue, dim=1) if normalize else queue
+                s = torch.cat([(qz.to(prototypes.dtype) @ prototypes.T).detach().to(dtype), s], dim=0)
+        q, res = swav_targets(s, eps=eps, n_iters=n_iters, backend=backend)
+        q_parts.append(q[-n:])
+        res_parts.append(res)
+    q_a, q_b = q_parts
+
+    with _no_autocast(scores_a.device):
+        log_p_a = F.log_softmax(scores_a / temperature, dim=1)
+        log_p_b = F.log_softmax(scores_b / temperature, dim=1)
+        loss = -0.5 * ((q_b * log_p_a).sum(dim=1).mean() + (q_a * log_p_b).sum(dim=1).mean())
+    if not return_details:
+        return loss
+    details = SwAMPDetails(q_a=q_a, q_b=q_b, scores_a=scores_a.detach(), scores_b=scores_b.detach(),
+                           marginal_error_a=float(res_parts[0].marginal_error.max()),
+                           marginal_error_b=float(res_parts[1].marginal_error.max()),
+                           n_iters=int(res_parts[0].n_iters))
+    return loss, details
+
+
+class SwAMPLoss(nn.Module):
+    """Holds the prototypes, optional queues and hyper-parameters of :func:`swamp_loss`.
+
+    Args:
+        dim: embedding dimension D.
+        n_prototypes: number of prototypes K (SwAV: 3000).
+        queue_size: rows of past embeddings kept per modality (0: no queue). As in
+            SwAV, the queue joins the OT problem once it is full; the current batch
+            is pushed after the targets are computed (FIFO).
+        eps, temperature, n_iters, normalize, backend: as in :func:`swamp_loss`.
+        freeze_prototypes_steps: for the first this many training forwards the
+            prototypes get no gradient (SwAV's ``freeze_prototypes_niters``, 313).
+        renormalize_prototypes: in training mode, re-normalise the prototype rows
+            in place (on this module's own parameter) before each forward, as SwAV.
+        info_nce_weight: weight of an added :func:`info_nce_loss` (0: SwAMP alone).
+        info_nce_temperature: its temperature.
+
+    Example:
+        >>> import torch
+        >>> loss_fn = SwAMPLoss(16, n_prototypes=10)
+        >>> loss = loss_fn(torch.randn(8, 16), torch.randn(8, 16))
+        >>> loss.backward()
+    """
+
+    def __init__(self, dim, n_prototypes=3000, *, queue_size=0, eps=0.05, temperature=0.1,
+                 n_iters=3, normalize=True, freeze_prototypes_steps=0, renormalize_prototypes=True,
+                 info_nce_weight=0.0, info_nce_temperature=0.07, backend="auto"):
+        super().__init__()
+        if not (isinstance(dim, int) and dim >= 1):
+            raise ValueError(f"dim must be a positive int; got {dim!r}")
+        if not (isinstance(n_prototypes, int) and n_prototypes >= 1):
+            raise ValueError(f"n_prototypes must be a positive int; got {n_prototypes!r}")
+        if not (isinstance(queue_size, int) and queue_size >= 0):
+            raise ValueError(f"queue_size must be a non-negative int; got {queue_size!r}")
+        _check_positive(eps, "eps")
+        _check_positive(temperature, "temperature")
+        _check_weight(info_nce_weight, "info_nce_weight")
+        self.prototypes = nn.Parameter(F.normalize(torch.randn(n_prototypes, dim), dim=1))
+        self.eps, self.temperature, self.n_iters = eps, temperature, n_iters
+        self.normalize, self.backend = normalize, backend
+        self.freeze_prototypes_steps = int(freeze_prototypes_steps)
+        self.renormalize_prototypes = renormalize_prototypes
+        self.info_nce_weight, self.info_nce_temperature = info_nce_weight, info_nce_temperature
+        self.queue_size = queue_size
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("queue_a", torch.zeros(queue_size, dim))
+        self.register_buffer("queue_b", torch.zeros(queue_size, dim))
+        self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
+
+    def forward(self, z_a, z_b, return_details=False):
+        """Loss for one batch of pairs ``z_a``, ``z_b`` (N, D); see :func:`swamp_loss`."""
+        prototypes = self.prototypes
+        if self.training:
+            if self.renormalize_prototypes:
+                with torch.no_grad():
+                    self.prototypes.copy_(F.normalize(self.prototypes, dim=1))
+            if int(self.num_steps) < self.freeze_prototypes_steps:
+                prototypes = prototypes.detach()
+            self.num_steps += 1
+        use_queue = self.queue_size > 0 and int(self.queue_count) >= self.queue_size
+        out = swamp_loss(z_a, z_b, prototypes, eps=self.eps, temperature=self.temperature,
+                         n_iters=self.n_iters, queue_a=self.queue_a if use_queue else None,
+                         queue_b=self.queue_b if use_queue else None, normalize=self.normalize,
+                         backend=self.backend, return_details=return_details)
+        if self.queue_size > 0 and self.training:
+            self._push(z_a, z_b)
+        if self.info_nce_weight > 0:
+            nce = info_nce_loss(z_a, z_b, temperature=self.info_nce_temperature, normalize=self.normalize)
+            if return_details:
+                return out[0] + self.info_nce_weight * nce, out[1]
+            return out + self.info_nce_weight * nce
+        return out
+
+    @torch.no_grad()
+    def _push(self, z_a, z_b):
+        """FIFO: newest rows last (the OT problem is ``[queue; batch]``)."""
+        for queue, z in ((self.queue_a, z_a), (self.queue_b, z_b)):
+            z = z.detach().to(queue.dtype)
+            if self.normalize:
+                z = F.normalize(z, dim=1)
+            z = z[-self.queue_size:]
+            queue.copy_(torch.cat([queue[z.shape[0]:], z], dim=0))
+        self.queue_count += z_a.shape[0]

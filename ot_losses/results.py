@@ -1,0 +1,135 @@
+"""Solver results: potentials and diagnostics; plans materialised on first access.
+
+Gradients: with ``grad="unroll"`` every tensor of a result is differentiable
+(autograd through the iterations). With ``grad="envelope"`` only ``value`` is
+(its gradient w.r.t. the cost is the plan); ``plan``, ``log_plan`` and
+``transport_cost`` are computed from detached potentials and cost. With
+``grad="none"`` nothing carries gradient.
+"""
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True, repr=False)
+class _PlanResult:
+    f: torch.Tensor
+    g: torch.Tensor
+    n_iters: int
+    marginal_error: torch.Tensor
+    converged: torch.Tensor
+    # Private: what the lazy fields are computed from.
+    _cost: torch.Tensor = field(compare=False)  # (B, N, M)
+    _fp: torch.Tensor = field(compare=False)  # row potential with reference weights folded in, (B, N)
+    _gp: torch.Tensor = field(compare=False)  # (B, M)
+    _eps: float = field(compare=False)
+    _batched: bool = field(compare=False)
+    _steps: Any = field(compare=False)
+    _differentiable: bool = field(compare=False)
+    _value_fn: Optional[Callable] = field(default=None, compare=False)
+
+    def _out(self, x):
+        return x if self._batched else x.squeeze(0)
+
+    def _compute(self, fn):
+        if self._differentiable:
+            return fn(self._cost, self._fp, self._gp, self._eps)
+        with torch.no_grad():
+            return fn(self._cost.detach(), self._fp.detach(), self._gp.detach(), self._eps)
+
+    @cached_property
+    def log_plan(self):
+        """``(…, N, M)`` log of the plan; ``-inf`` exactly where the cost is ``+inf``."""
+        return self._out(self._compute(self._steps.log_plan))
+
+    @cached_property
+    def plan(self):
+        """``(…, N, M)`` transport plan."""
+        return self._out(self._compute(self._steps.plan))
+
+    @cached_property
+    def transport_cost(self):
+        """``(…,)`` ``<plan, cost>`` (forbidden entries contribute 0)."""
+        return self._out(self._compute(self._steps.plan_cost))
+
+    @cached_property
+    def value(self):
+        """``(…,)`` regularised OT objective; its gradient w.r.t. the cost is the plan."""
+        return self._out(self._value_fn())
+
+    def __repr__(self):
+        shape = tuple(self._cost.shape) if self._batched else tuple(self._cost.shape[1:])
+        conv = self.converged
+        conv_s = str(bool(conv.all())) if conv.numel() == 1 else f"{int(conv.sum())}/{conv.numel()}"
+        return (f"{type(self).__name__}(shape={shape}, n_iters={self.n_iters}, "
+                f"marginal_error={self.marginal_error.max().item():.3g}, converged={conv_s})")
+
+
+@dataclass(frozen=True, repr=False)
+class SinkhornResult(_PlanResult):
+    """Result of :func:`ot_losses.sinkhorn`.
+
+    Attributes:
+        f: (…, N) row potentials. g: (…, M) column potentials; the plan is
+            ``a_i b_j exp((f_i + g_j - C_ij) / eps)``.
+        plan, log_plan: (…, N, M), materialised on first access.
+        value: (…,) ``<P, C> + eps KL(P || a b^T)`` (+ ``rho KL`` marginal
+            penalties when unbalanced).
+        transport_cost: (…,) ``<P, C>``.
+        n_iters: iterations run (eps-scaling steps included).
+        marginal_error: (…,) L1 marginal violation (balanced) or largest
+            potential change between the last two checks (unbalanced).
+        converged: (…,) bool, ``marginal_error`` below ``tol`` (or below
+            1e-3 x mass, resp. 1e-3 x eps, when ``tol`` is None).
+    """
+
+
+@dataclass(frozen=True, repr=False)
+class PartialOTResult(_PlanResult):
+    """Result of :func:`ot_losses.partial_ot`.
+
+    Attributes:
+        plan, log_plan: (…, N, M) plan carrying ``mass``; row sums <= a,
+            column sums <= b.
+        transport_cost: (…,) ``<P, C>``. value: (…,) the regularised
+            objective of the chosen method (gradient w.r.t. cost = plan).
+        mass: (…,) mass transported by the returned plan.
+        f, g: (…, N), (…, M) potentials (``method="bregman"``: the plan is
+            ``exp((f_i + g_j - C_ij)/eps)`` with the total-mass multiplier
+            folded into ``f``; ``"dummy"``: ``a_i b_j exp((f_i + g_j - C_ij)/eps)``).
+        n_iters, marginal_error, converged: as for :class:`SinkhornResult`
+            (bregman: potential change; dummy: extended-problem L1 error).
+    """
+
+    @cached_property
+    def mass(self):
+        """``(…,)`` total mass of the returned plan."""
+        return self.plan.sum(dim=(-2, -1))
+
+
+@dataclass(frozen=True, repr=False)
+class MultiAssignmentResult:
+    """Result of :func:`ot_losses.multi_assignment_sinkhorn`.
+
+    Attributes:
+        assignment: (…, N, M) ``X = sigmoid((f_i + g_j - C_ij) / eps)``,
+            entries in [0, 1], rows summing to k, columns to ``k N b_j``.
+        f, g: (…, N), (…, M) potentials.
+        n_iters, marginal_error ((…,) L1 violation of the row and column
+            constraints), converged ((…,) bool).
+    """
+
+    assignment: torch.Tensor
+    f: torch.Tensor
+    g: torch.Tensor
+    n_iters: int
+    marginal_error: torch.Tensor
+    converged: torch.Tensor
+
+    def __repr__(self):
+        conv = self.converged
+        conv_s = str(bool(conv.all())) if conv.numel() == 1 else f"{int(conv.sum())}/{conv.numel()}"
+        return (f"MultiAssignmentResult(shape={tuple(self.assignment.shape)}, n_iters={self.n_iters}, "
+                f"marginal_error={self.marginal_error.max().item():.3g}, converged={conv_s})")

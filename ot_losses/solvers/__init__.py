@@ -1,0 +1,1 @@
+"""Solvers: validate -> backend half-steps -> shared loop -> result."""

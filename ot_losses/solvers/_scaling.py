@@ -1,0 +1,82 @@
+"""Fast path of the torch backend: log-domain half-steps as matrix-vector products.
+
+A log-domain half-step ``eps * lse_j((h_j - C_ij) / eps)`` costs one ``exp``
+per cost entry. Writing it around anchor potentials ``p, q``,
+
+    lse_j((h_j - C_ij)/eps) = -p_i/eps + log sum_j K_ij exp((h_j - q_j)/eps),
+    K_ij = exp((p_i + q_j - C_ij)/eps),
+
+turns it into one matrix-vector product with a cached kernel ``K`` while
+``|h - q| / eps`` stays below ``tau``. When it does not (early iterations,
+small eps, a new eps), the step is done exactly in the log domain and the
+anchors are reset to the current potentials ("absorption", Schmitzer 2019),
+so the iterates are those of the log-domain algorithm and nothing overflows
+at eps = 1e-3.
+
+Why this choice: on a 2-core CPU at 2000 x 2000 the exp-free step is ~10x
+cheaper than a logsumexp pass (measured in ``benchmarks/bench_sinkhorn.py``),
+within a few percent of an exp-domain Sinkhorn, yet stable. ``tau`` bounds the
+dynamic range of the scaling vector: with ``K`` rows summing to 1 at anchor
+time, entries that underflow are smaller than ``exp(-708)`` (fp64) or
+``exp(-87)`` (fp32) and matter less than ``exp(2 tau)`` times that relative
+to the row, i.e. below the working precision for the ``tau`` chosen below.
+"""
+import torch
+
+from . import _torch_steps
+
+_TAU = {torch.float64: 200.0, torch.float32: 25.0}
+
+
+class ScalingSteps:
+    """Half-steps of ``_torch_steps`` for one cost, with a cached stabilised kernel.
+
+    ``row_lse`` / ``col_lse`` have the signatures of their ``_torch_steps``
+    twins (the ``cost`` argument must be the cost this object was built for);
+    every other step is the reference's.
+    """
+
+    def __init__(self, cost, dtype):
+        self._cost = cost.to(dtype)
+        self._tau = _TAU[dtype]
+        self._eps = None
+        self._K = self._p = self._q = None
+
+    def __getattr__(self, name):
+        return getattr(_torch_steps, name)
+
+    def _offset(self, h, anchor, eps):
+        """``exp((h - anchor) / eps)`` if within range of the cached kernel, else None."""
+        if self._K is None or eps != self._eps:
+            return None
+        d = (h - anchor) / eps
+        finite = torch.isfinite(h)
+        if torch.where(finite, d.abs(), torch.zeros_like(d)).max() > self._tau:
+            return None
+        return torch.exp(d)  # h = -inf (zero mass) gives weight 0
+
+    def _anchor(self, p, q, eps):
+        self._p = torch.where(torch.isfinite(p), p, torch.zeros_like(p))
+        self._q = torch.where(torch.isfinite(q), q, torch.zeros_like(q))
+        self._eps = eps
+        self._K = torch.exp((self._p.unsqueeze(-1) + self._q.unsqueeze(-2) - self._cost) / eps)
+
+    def row_lse(self, cost, h, eps):
+        w = self._offset(h, self._q, eps)
+        if w is not None:
+            s = torch.bmm(self._K, w.unsqueeze(-1)).squeeze(-1)
+            if (s > 0).all():
+                return eps * torch.log(s) - self._p
+        out = _torch_steps.row_lse(self._cost, h, eps)
+        self._anchor(-out, h, eps)
+        return out
+
+    def col_lse(self, cost, h, eps):
+        w = self._offset(h, self._p, eps)
+        if w is not None:
+            s = torch.bmm(w.unsqueeze(-2), self._K).squeeze(-2)
+            if (s > 0).all():
+                return eps * torch.log(s) - self._q
+        out = _torch_steps.col_lse(self._cost, h, eps)
+        self._anchor(h, -out, eps)
+        return out
