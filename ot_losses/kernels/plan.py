@@ -50,7 +50,7 @@ def _plan_kernel(
     z = (f[:, None] + g[None, :] - c) / eps_c
     if MODE == 2:
         p = tl.exp(z)
-        contrib = tl.where(p > 0, p * c, 0.0)  # masked/forbidden: p = 0, never 0 * inf
+        contrib = p * tl.where(p > 0, c, 0.0)  # masked/forbidden: p = 0, never 0 * inf
         tl.store(out_ptr + b * stride_ob + tile, tl.sum(tl.sum(contrib, axis=1), axis=0))
     else:
         if MODE == 1:

@@ -4,11 +4,15 @@ Also hosts the small input checks shared by the loss files (they are loss
 specific: pairs of embeddings, score matrices, queues), so every loss words
 its errors the same way.
 """
+import math
 from dataclasses import dataclass
+from numbers import Real
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .._validate import check_positive, check_tensor
 
 __all__ = ["InfoNCEDetails", "info_nce_loss"]
 
@@ -16,10 +20,7 @@ __all__ = ["InfoNCEDetails", "info_nce_loss"]
 # ----------------------------------------------------------------------------- checks
 def _check_matrix(x, name, *, cols=None, cols_desc="D"):
     """``x`` must be a 2-D floating tensor (optionally with ``cols`` columns)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64); got {x.dtype}")
+    check_tensor(x, name)
     if x.ndim != 2:
         raise ValueError(f"{name} must have shape (N, {cols_desc}); got {tuple(x.shape)}")
     if cols is not None and x.shape[1] != cols:
@@ -47,13 +48,14 @@ def _check_device(ref, ref_name, *others):
 
 
 def _check_positive(x, name):
-    if not (isinstance(x, (int, float)) and x > 0):
-        raise ValueError(f"{name} must be a positive number; got {x!r}")
+    check_positive(x, name)
 
 
 def _check_weight(x, name):
-    if not (isinstance(x, (int, float)) and x >= 0):
-        raise ValueError(f"{name} must be a non-negative number; got {x!r}")
+    if isinstance(x, bool) or not isinstance(x, Real):
+        raise TypeError(f"{name} must be a non-negative real number; got {type(x).__name__}")
+    if not (math.isfinite(x) and x >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0; got {x}")
 
 
 def _compute_dtype(*xs):
@@ -106,7 +108,7 @@ def info_nce_loss(z_a, z_b, *, temperature=0.07, normalize=True, return_details=
         >>> import torch
         >>> z = torch.eye(4)
         >>> round(info_nce_loss(z, z, temperature=1.0).item(), 4)
-        0.9048
+        0.7437
 
     Reference: van den Oord et al. (2018), CLIP (Radford et al., 2021).
     """

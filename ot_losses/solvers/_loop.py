@@ -43,9 +43,10 @@ def run_loop(problem, eps, n_iters, tol, eps_schedule, solver):
     schedule = list(eps_schedule) + [eps] * n_iters
     total, n_warm = len(schedule), len(eps_schedule)
     err = None
+    problem.mark()
     for it, e in enumerate(schedule, start=1):
-        if it == total:
-            problem.mark()
+        if tol is None and it == total:
+            problem.mark()  # without checks, the "previous check" is the previous iteration
         problem.step(e)
         check = it == total or (tol is not None and it > n_warm and (it - n_warm) % CHECK_EVERY == 0)
         if not check:
