@@ -117,8 +117,8 @@ def _lse_kernel(
         if IS_SIGMOID:
             z = (p[:, None] + h[None, :] - c) / eps_c
             # masked lanes must vanish from both sums (log sigmoid(-(-inf)) = 0, not -inf)
-            m1, s1 = _online_lse(m1, s1, _logsigmoid(z))
-            m2, s2 = _online_lse(m2, s2, _logsigmoid(-z))
+            m1, s1 = _online_lse(m1, s1, tl.where(mask, _logsigmoid(z), float("-inf")))
+            m2, s2 = _online_lse(m2, s2, tl.where(mask, _logsigmoid(-z), float("-inf")))
         else:
             m1, s1 = _online_lse(m1, s1, (h[None, :] - c) / eps_c)
     out_offs = b * stride_ob + rows64 * stride_or
