@@ -8,6 +8,7 @@ The launchers share the operand check below: kernels never validate, launchers
 raise ``ValueError`` before launching on a size, dtype, device or layout they
 do not support (user-facing checks live in ``ot_losses._validate``).
 """
+import contextlib
 import os
 
 import torch
@@ -57,3 +58,8 @@ def _check_operands(cost, rows=(), cols=(), batch=()):
             raise ValueError(f"{name} must be float32 or float64, with the dtype of the other "
                              f"potentials ({dtype}); got {t.dtype}")
     return dtype
+
+
+def _device_of(t):
+    """Context that makes ``t``'s CUDA device current: triton launches on the current device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

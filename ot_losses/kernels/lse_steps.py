@@ -24,8 +24,8 @@ cost entries load as ``+inf`` (forbidden: contribute nothing); ``-inf`` in a
 potential means zero mass; the running max is guarded where it is ``-inf``,
 so an all-forbidden row returns ``-inf``, not NaN. Offsets are int64.
 
-Bandwidth (why two streaming passes). A half-step does ~5 flops per cost
-entry and reads each entry once, so it is memory bound: one Sinkhorn
+Bandwidth (why two streaming passes). A half-step does ~5 flops and one exp
+per cost entry and reads each entry once, so it is memory bound: one Sinkhorn
 iteration (row pass, then column pass) reads ``2 * B * N * M * itemsize``
 bytes of cost, and its roofline time is that over the copy bandwidth, e.g.
 B=1, N=M=8192, fp32: 2 * 268 MB / ~3 TB/s (H100 HBM3) ~ 0.18 ms; a bf16 cost
@@ -36,10 +36,14 @@ partial column (max, sum) pairs" variant would still re-read the block. We
 therefore keep the two passes, each a single coalesced read (the tile's
 larger block is put on the cost's unit-stride axis, so the column pass on a
 row-major cost is as coalesced as the row pass), and potentials/outputs are
-O(N + M) traffic. For small problems the whole cost fits on chip and the
+O(N + M) traffic. The sigmoid pass needs ~4 special-function ops per entry
+(one exp and one log shared by both terms, one exp per accumulator): on an
+H100 (~4e12 SFU ops/s) that is ~1e12 entries/s, close to the ~0.8e12
+fp32 entries/s that HBM delivers, so it sits near both roofs (a bf16 cost
+makes it SFU-bound). For small problems the whole cost fits on chip and the
 launch count dominates instead: ``balanced_small`` runs *all* iterations of a
 balanced problem in one launch, one program per problem, reading the cost
-once (``SMALL_MAX_ELEMENTS`` padded entries at most).
+once (``SMALL_MAX_ELEMENTS[dtype]`` padded entries at most: 16384 fp32, 4096 fp64).
 
 Not done yet: split-K for very long reductions with few outputs (e.g. B=1,
 N=1, M=1e6 runs on one program), and block sizes were chosen without a GPU
@@ -49,26 +53,31 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _check_operands
+from . import _check_operands, _device_of, _interpreting
 from .plan import log_plan, plan, plan_cost  # noqa: F401  (re-exported twins)
 
 __all__ = ["SMALL_MAX_ELEMENTS", "balanced_small", "balanced_small_supported", "col_lse",
            "col_sigmoid_lse", "log_plan", "plan", "plan_cost", "row_lse", "row_sigmoid_lse"]
 
-# Padded tile of the fused small-problem path: BLOCK_N * BLOCK_M <= this (registers).
-SMALL_MAX_ELEMENTS = 16384
+# Fused small-problem path: largest padded tile BLOCK_N * BLOCK_M kept in registers
+# (one program per problem, 16 entries per thread; ptxas -v on sm_90: no or tiny spills).
+SMALL_MAX_ELEMENTS = {torch.float32: 16384, torch.float64: 4096}
+# Below this many programs the streaming tile narrows (about 4 per SM on an H100);
+# the CPU interpreter runs programs one by one, so there fewer is faster.
+MIN_PROGRAMS = 1 if _interpreting() else 512
 
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _logsigmoid(z):
-    # log sigmoid(z) = min(z, 0) - log1p(exp(-|z|)); tl has no log1p, so use
-    # log1p(x) = log(u) * x / (u - 1), u = 1 + x (Goldberg), exact near x = 0.
+def _logsigmoid_pair(z):
+    """``(log sigmoid(z), log sigmoid(-z))``, sharing one exp and one log."""
+    # log sigmoid(+-z) = min(+-z, 0) - log1p(exp(-|z|)); tl has no log1p, so use
+    # log1p(x) = log(u) * x / (u - 1), u = 1 + x (Goldberg): exact near x = 0.
     x = tl.exp(-tl.abs(z))
     u = 1.0 + x
     tiny = u == 1.0
     log1p = tl.where(tiny, x, tl.log(u) * (x / tl.where(tiny, 1.0, u - 1.0)))
-    return tl.minimum(z, 0.0) - log1p
+    return tl.minimum(z, 0.0) - log1p, tl.minimum(-z, 0.0) - log1p
 
 
 @triton.jit
@@ -99,6 +108,7 @@ def _lse_kernel(
     rows64 = rows.to(tl.int64)
     dtype = h_ptr.dtype.element_ty
     eps_c = tl.full((), eps, dtype)
+    inv_eps = 1.0 / eps_c  # multiply per entry: a divide costs a special-function op
     cost_rows = cost_ptr + b * stride_cb + rows64[:, None] * stride_cr
     h_base = h_ptr + b * stride_hb
     if IS_SIGMOID:
@@ -115,12 +125,13 @@ def _lse_kernel(
         c = tl.load(cost_rows + cols64[None, :] * stride_ck, mask=mask, other=float("inf")).to(dtype)
         h = tl.load(h_base + cols64 * stride_hk, mask=col_mask, other=0.0).to(dtype)
         if IS_SIGMOID:
-            z = (p[:, None] + h[None, :] - c) / eps_c
+            z = (p[:, None] + h[None, :] - c) * inv_eps
+            t1, t2 = _logsigmoid_pair(z)
             # masked lanes must vanish from both sums (log sigmoid(-(-inf)) = 0, not -inf)
-            m1, s1 = _online_lse(m1, s1, tl.where(mask, _logsigmoid(z), float("-inf")))
-            m2, s2 = _online_lse(m2, s2, tl.where(mask, _logsigmoid(-z), float("-inf")))
+            m1, s1 = _online_lse(m1, s1, tl.where(mask, t1, float("-inf")))
+            m2, s2 = _online_lse(m2, s2, tl.where(mask, t2, float("-inf")))
         else:
-            m1, s1 = _online_lse(m1, s1, (h[None, :] - c) / eps_c)
+            m1, s1 = _online_lse(m1, s1, (h[None, :] - c) * inv_eps)
     out_offs = b * stride_ob + rows64 * stride_or
     tl.store(out_ptr + out_offs, eps_c * (m1 + tl.log(s1)), mask=row_mask)
     if IS_SIGMOID:
@@ -155,6 +166,7 @@ def _balanced_small_kernel(
     cols64 = cols.to(tl.int64)
     dtype = f_ptr.dtype.element_ty
     eps_c = tl.full((), eps, dtype)
+    inv_eps = 1.0 / eps_c  # multiply per entry: a divide costs a special-function op
     # the whole cost stays in registers for all iterations: read once per launch
     c = tl.load(cost_ptr + b * stride_cb + rows64[:, None] * stride_cn + cols64[None, :] * stride_cm,
                 mask=mask, other=float("inf")).to(dtype)
@@ -163,23 +175,35 @@ def _balanced_small_kernel(
     f = tl.load(f_ptr + b * stride_fb + rows64 * stride_fn, mask=row_mask, other=0.0).to(dtype)
     g = tl.load(g_ptr + b * stride_gb + cols64 * stride_gm, mask=col_mask, other=0.0).to(dtype)
     for _ in range(0, n_iters):
-        # same operation order as -row_lse(cost, g + eps*log_b, eps) of the torch twin
-        h = g + eps_c * log_b
-        z = tl.where(mask, (h[None, :] - c) / eps_c, float("-inf"))
+        # same operations as the solver's -row_lse(cost, fold(g, log_b, eps), eps):
+        # h = g + eps * log_b, exactly -inf where the weight is 0
+        h = tl.where(log_b == float("-inf"), log_b, g + eps_c * log_b)
+        z = tl.where(mask, (h[None, :] - c) * inv_eps, float("-inf"))
         f = tl.where(row_mask, -(eps_c * _lse_axis(z, 1)), 0.0)
-        h = f + eps_c * log_a
-        z = tl.where(mask, (h[:, None] - c) / eps_c, float("-inf"))
+        h = tl.where(log_a == float("-inf"), log_a, f + eps_c * log_a)
+        z = tl.where(mask, (h[:, None] - c) * inv_eps, float("-inf"))
         g = tl.where(col_mask, -(eps_c * _lse_axis(z, 0)), 0.0)
     tl.store(f_out_ptr + b * N + rows64, f, mask=row_mask)
     tl.store(g_out_ptr + b * M + cols64, g, mask=col_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
-def _lse_blocks(R, K, stride_cr, stride_ck):
-    """Tile (BLOCK_R, BLOCK_K): the long side on the cost's unit-stride axis (coalescing)."""
-    if abs(stride_ck) <= abs(stride_cr):  # reduced axis contiguous (row pass, row-major)
-        return min(8, triton.next_power_of_2(R)), min(256, triton.next_power_of_2(K))
-    return min(32, triton.next_power_of_2(R)), min(64, triton.next_power_of_2(K))
+def _lse_blocks(B, R, K, stride_cr, stride_ck, itemsize, heavy):
+    """(BLOCK_R, BLOCK_K, num_warps) for ``_lse_kernel``; untimed (no GPU), never affects results.
+
+    The tile's long side lies on the cost's unit-stride axis (coalesced loads),
+    ~2048 entries (1024 when ``heavy``: fp64 with two sigmoid accumulators),
+    ~8-16 per thread: no spills in ptxas -v for sm_90. When the grid would have
+    fewer than MIN_PROGRAMS programs, BLOCK_R shrinks (down to one 32-byte
+    sector of contiguous outputs in the column pass) and BLOCK_K grows.
+    """
+    row_pass = abs(stride_ck) <= abs(stride_cr)
+    block_r, min_r, num_warps = (8, 1, 4) if row_pass else (32, max(1, 32 // itemsize), 8)
+    block_r = min(block_r, triton.next_power_of_2(R))
+    while block_r > min_r and B * triton.cdiv(R, block_r) < MIN_PROGRAMS:
+        block_r //= 2
+    block_k = min((1024 if heavy else 2048) // block_r, triton.next_power_of_2(K))
+    return block_r, block_k, num_warps
 
 
 def _lse(cost, h, p, eps, by_row, sigmoid):
@@ -189,19 +213,21 @@ def _lse(cost, h, p, eps, by_row, sigmoid):
     R, K, s_r, s_k = (N, M, sn, sm) if by_row else (M, N, sm, sn)
     out = torch.empty((B, R), dtype=h.dtype, device=h.device)
     out2 = torch.empty_like(out) if sigmoid else out
-    BLOCK_R, BLOCK_K = _lse_blocks(R, K, s_r, s_k)
+    heavy = sigmoid and h.dtype == torch.float64
+    BLOCK_R, BLOCK_K, num_warps = _lse_blocks(B, R, K, s_r, s_k, cost.element_size(), heavy)
     n_rblocks = triton.cdiv(R, BLOCK_R)
     p_ = p if sigmoid else h  # unread when not IS_SIGMOID
-    _lse_kernel[(B * n_rblocks,)](
-        cost_ptr=cost, h_ptr=h, p_ptr=p_, out_ptr=out, out2_ptr=out2,
-        R=R, K=K, n_rblocks=n_rblocks,
-        stride_cb=sb, stride_cr=s_r, stride_ck=s_k,
-        stride_hb=h.stride(0), stride_hk=h.stride(1),
-        stride_pb=p_.stride(0), stride_pr=p_.stride(1),
-        stride_ob=out.stride(0), stride_or=out.stride(1),
-        eps=float(eps), IS_SIGMOID=sigmoid, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-        num_warps=4,
-    )
+    with _device_of(cost):
+        _lse_kernel[(B * n_rblocks,)](
+            cost_ptr=cost, h_ptr=h, p_ptr=p_, out_ptr=out, out2_ptr=out2,
+            R=R, K=K, n_rblocks=n_rblocks,
+            stride_cb=sb, stride_cr=s_r, stride_ck=s_k,
+            stride_hb=h.stride(0), stride_hk=h.stride(1),
+            stride_pb=p_.stride(0), stride_pr=p_.stride(1),
+            stride_ob=out.stride(0), stride_or=out.stride(1),
+            eps=float(eps), IS_SIGMOID=sigmoid, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
+            num_warps=num_warps,
+        )
     return (out, out2) if sigmoid else out
 
 
@@ -232,9 +258,10 @@ def col_sigmoid_lse(cost, u, v, eps):
     return _lse(cost, u, v, eps, by_row=False, sigmoid=True)
 
 
-def balanced_small_supported(n, m):
-    """True when an (n, m) problem fits the fused on-chip path of :func:`balanced_small`."""
-    return triton.next_power_of_2(n) * triton.next_power_of_2(m) <= SMALL_MAX_ELEMENTS
+def balanced_small_supported(n, m, dtype=torch.float32):
+    """True when an (n, m) problem with potentials of ``dtype`` fits :func:`balanced_small`."""
+    limit = SMALL_MAX_ELEMENTS.get(dtype, 0)
+    return triton.next_power_of_2(n) * triton.next_power_of_2(m) <= limit
 
 
 def balanced_small(cost, log_a, log_b, f, g, eps, n_iters):
@@ -243,7 +270,8 @@ def balanced_small(cost, log_a, log_b, f, g, eps, n_iters):
     Per iteration, f first then g:
     ``f_i = -eps * lse_j(log_b_j + (g_j - C_ij) / eps)``,
     ``g_j = -eps * lse_i(log_a_i + (f_i - C_ij) / eps)``, i.e. the same iterates as
-    ``f = -row_lse(cost, g + eps * log_b, eps); g = -col_lse(cost, f + eps * log_a, eps)``.
+    ``f = -row_lse(cost, fold(g, log_b), eps); g = -col_lse(cost, fold(f, log_a), eps)`` with
+    ``fold(x, log_w) = x + eps * log_w`` (exactly ``-inf`` where ``log_w = -inf``).
     One program per problem keeps its whole cost on chip (read once per launch).
 
     Args:
@@ -258,27 +286,28 @@ def balanced_small(cost, log_a, log_b, f, g, eps, n_iters):
         ``(f, g)``: new (B, N) and (B, M) contiguous tensors; inputs are not modified.
 
     Raises:
-        ValueError: ``balanced_small_supported(N, M)`` is False, ``n_iters < 0``,
+        ValueError: ``balanced_small_supported(N, M, f.dtype)`` is False, ``n_iters < 0``,
             or the operands' shapes, dtypes or devices do not match.
     """
     _check_operands(cost, rows=[("f", f), ("log_a", log_a)], cols=[("g", g), ("log_b", log_b)])
     B, N, M = cost.shape
-    if not balanced_small_supported(N, M):
-        raise ValueError(f"balanced_small needs next_pow2(N) * next_pow2(M) <= {SMALL_MAX_ELEMENTS}; "
-                         f"got N={N}, M={M}")
+    if not balanced_small_supported(N, M, f.dtype):
+        raise ValueError(f"balanced_small needs next_pow2(N) * next_pow2(M) <= "
+                         f"{SMALL_MAX_ELEMENTS[f.dtype]} for {f.dtype}; got N={N}, M={M}")
     if int(n_iters) < 0:
         raise ValueError(f"n_iters must be >= 0; got {n_iters}")
     f_out = torch.empty((B, N), dtype=f.dtype, device=f.device)
     g_out = torch.empty((B, M), dtype=f.dtype, device=f.device)
     BLOCK_N, BLOCK_M = triton.next_power_of_2(N), triton.next_power_of_2(M)
-    _balanced_small_kernel[(B,)](
-        cost_ptr=cost, log_a_ptr=log_a, log_b_ptr=log_b, f_ptr=f, g_ptr=g,
-        f_out_ptr=f_out, g_out_ptr=g_out, N=N, M=M, n_iters=int(n_iters),
-        stride_cb=cost.stride(0), stride_cn=cost.stride(1), stride_cm=cost.stride(2),
-        stride_ab=log_a.stride(0), stride_an=log_a.stride(1),
-        stride_bb=log_b.stride(0), stride_bm=log_b.stride(1),
-        stride_fb=f.stride(0), stride_fn=f.stride(1), stride_gb=g.stride(0), stride_gm=g.stride(1),
-        eps=float(eps), BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M,
-        num_warps=4 if BLOCK_N * BLOCK_M <= 4096 else 8,
-    )
+    with _device_of(cost):
+        _balanced_small_kernel[(B,)](
+            cost_ptr=cost, log_a_ptr=log_a, log_b_ptr=log_b, f_ptr=f, g_ptr=g,
+            f_out_ptr=f_out, g_out_ptr=g_out, N=N, M=M, n_iters=int(n_iters),
+            stride_cb=cost.stride(0), stride_cn=cost.stride(1), stride_cm=cost.stride(2),
+            stride_ab=log_a.stride(0), stride_an=log_a.stride(1),
+            stride_bb=log_b.stride(0), stride_bm=log_b.stride(1),
+            stride_fb=f.stride(0), stride_fn=f.stride(1), stride_gb=g.stride(0), stride_gm=g.stride(1),
+            eps=float(eps), BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M,
+            num_warps=min(32, max(4, BLOCK_N * BLOCK_M // 512)),
+        )
     return f_out, g_out

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _check_operands
+from . import _check_operands, _device_of
 
 __all__ = ["log_plan", "plan", "plan_cost"]
 
@@ -82,16 +82,17 @@ def _launch(cost, f, g, eps, mode, scale=None):
     else:
         out = torch.empty((B, N, M), dtype=f.dtype, device=f.device)
         so = out.stride()
-    _plan_kernel[(B * n_nblocks * n_mblocks,)](
-        cost_ptr=cost, f_ptr=f, g_ptr=g, scale_ptr=scale if scale is not None else f, out_ptr=out,
-        N=N, M=M, n_nblocks=n_nblocks, n_mblocks=n_mblocks,
-        stride_cb=cost.stride(0), stride_cn=cost.stride(1), stride_cm=cost.stride(2),
-        stride_fb=f.stride(0), stride_fn=f.stride(1), stride_gb=g.stride(0), stride_gm=g.stride(1),
-        stride_sb=scale.stride(0) if scale is not None else 0,
-        stride_ob=so[0], stride_on=so[1], stride_om=so[2],
-        eps=float(eps), MODE=mode, HAS_SCALE=scale is not None,
-        BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, num_warps=4,
-    )
+    with _device_of(cost):
+        _plan_kernel[(B * n_nblocks * n_mblocks,)](
+            cost_ptr=cost, f_ptr=f, g_ptr=g, scale_ptr=scale if scale is not None else f, out_ptr=out,
+            N=N, M=M, n_nblocks=n_nblocks, n_mblocks=n_mblocks,
+            stride_cb=cost.stride(0), stride_cn=cost.stride(1), stride_cm=cost.stride(2),
+            stride_fb=f.stride(0), stride_fn=f.stride(1), stride_gb=g.stride(0), stride_gm=g.stride(1),
+            stride_sb=scale.stride(0) if scale is not None else 0,
+            stride_ob=so[0], stride_on=so[1], stride_om=so[2],
+            eps=float(eps), MODE=mode, HAS_SCALE=scale is not None,
+            BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, num_warps=4,
+        )
     return out.sum(dim=-1) if mode == PLAN_COST else out
 
 

@@ -125,8 +125,9 @@ def l2rm_loss(sim, *, cost=None, mass=0.1, eps=0.07, tau=0.05, forbid_diagonal=T
         loss = _sym_kl(sim.to(dtype), plan, tau)
     if not return_details:
         return loss
-    return loss, L2RMDetails(plan=plan, cost=c, mass=float(res.mass), marginal_error=float(res.marginal_error),
-                             converged=bool(res.converged), n_iters=int(res.n_iters))
+    return loss, L2RMDetails(plan=plan, cost=c, mass=float(res.mass),
+                             marginal_error=float(res.marginal_error), converged=bool(res.converged),
+                             n_iters=int(res.n_iters))
 
 
 class L2RMCost(nn.Module):
@@ -291,7 +292,8 @@ def split_clean_noisy(per_pair_loss, *, method="beta", threshold=0.5, n_iters=50
         (80, 0)
     """
     if not isinstance(per_pair_loss, torch.Tensor) or per_pair_loss.ndim != 1:
-        got = tuple(per_pair_loss.shape) if isinstance(per_pair_loss, torch.Tensor) else type(per_pair_loss).__name__
+        is_tensor = isinstance(per_pair_loss, torch.Tensor)
+        got = tuple(per_pair_loss.shape) if is_tensor else type(per_pair_loss).__name__
         raise ValueError(f"per_pair_loss must be a (N,) tensor; got {got}")
     if method not in ("beta", "gmm"):
         raise ValueError(f"method must be 'beta' or 'gmm'; got {method!r}")

@@ -38,9 +38,9 @@ class MultiSKDetails:
 
 def _rowwise_minmax(x):
     """Per-row min-max scaling to [0, 1]; a constant row keeps its raw values (no 0/0)."""
-    lo = x.min(dim=1, keepdim=True).values
-    span = x.max(dim=1, keepdim=True).values - lo
-    flat = span <= torch.finfo(x.dtype).eps * x.abs().amax(dim=1, keepdim=True).clamp_min(1.0)
+    lo = x.min(dim=-1, keepdim=True).values
+    span = x.max(dim=-1, keepdim=True).values - lo
+    flat = span <= torch.finfo(x.dtype).eps * x.abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
     return torch.where(flat, x, (x - lo) / torch.where(flat, torch.ones_like(span), span))
 
 
@@ -52,27 +52,28 @@ def multi_sk_targets(target, *, k=None, eps=0.07, n_iters=20, queue=None, backen
     rows are min-max normalised per row (constant rows are left as they are).
 
     Args:
-        target: (N, K) floating scores against K anchors (detached inside).
+        target: (N, K) floating scores against K anchors (detached inside), or
+            (B, N, K) for B independent problems solved in one batched call.
         k: assignments per row, ``1 <= k < K``; default ``int(K * 0.5)``.
         eps: positive float, entropic regularisation in cost units.
         n_iters: solver iterations (official: 20).
-        queue: optional (Q, K) past scores against the same anchors, prepended.
+        queue: optional (Q, K) (or (B, Q, K)) past scores against the same anchors, prepended.
         backend: solver backend passed to :func:`ot_losses.multi_assignment_sinkhorn`.
 
     Returns:
-        ``(targets, assignment, result)``: (N, K), (N, K) and the solver result.
+        ``(targets, assignment, result)``: (…, N, K), (…, N, K) and the solver result.
     """
-    n_anchors = target.shape[1]
+    n_anchors = target.shape[-1]
     if k is None:
         k = int(n_anchors * 0.5)
     with torch.no_grad(), _no_autocast(target.device):
         dtype = _compute_dtype(target, queue)
         s = target.detach().to(dtype)
         if queue is not None and queue.shape[0] > 0:
-            s = torch.cat([queue.detach().to(dtype), s], dim=0)
+            s = torch.cat([queue.detach().to(dtype), s], dim=-2)
         res = multi_assignment_sinkhorn(-_SCORE_SCALE * s, k, eps=eps, n_iters=n_iters, grad="none",
                                         backend=backend)
-        x = res.assignment[-target.shape[0]:].to(dtype)
+        x = res.assignment[..., -target.shape[-2]:, :].to(dtype)
         return _rowwise_minmax(x), x, res
 
 
@@ -221,7 +222,8 @@ class MultiSKLoss(nn.Module):
                 raise ValueError(f"{name} must have N={n} rows like x_a; got {tuple(f.shape)}")
         _check_device(x_a, "x_a", *zip(feats[1:], names[1:]))
         feats = {nm: F.normalize(f, dim=1) for nm, f in zip(names, feats)}
-        anchors = {"in_a": F.normalize(self.anchors_in_a, dim=1), "in_b": F.normalize(self.anchors_in_b, dim=1),
+        anchors = {"in_a": F.normalize(self.anchors_in_a, dim=1),
+                   "in_b": F.normalize(self.anchors_in_b, dim=1),
                    "joint_a": F.normalize(self.anchors_joint_a, dim=1),
                    "joint_b": F.normalize(self.anchors_joint_b, dim=1)}
         # (pred features, pred anchors, target features, target anchors) per term
@@ -235,22 +237,32 @@ class MultiSKLoss(nn.Module):
         total = 0.0 * sum(a.sum() for a in anchors.values()).to(_compute_dtype(*feats.values()))
         details = {}
         if active:
-            for key, pf, pa, tf, ta in terms:
+            # all terms share (N [+ Q], K): one batched multi-assignment solve instead of len(terms)
+            with torch.no_grad():
+                targets, queues = [], []
+                for _, _, _, tf, ta in terms:
+                    targets.append(feats[tf].detach() @ anchors[ta].detach().T)
+                    if self.queue_size > 0:
+                        past = F.normalize(getattr(self, f"queue_{tf}"), dim=1).to(targets[-1].dtype)
+                        queues.append(past @ anchors[ta].detach().T)
+                y, x, res = multi_sk_targets(torch.stack(targets), k=self.k, eps=self.eps,
+                                             n_iters=self.n_iters, queue=torch.stack(queues) if queues else None,
+                                             backend=self.backend)
+            for t, (key, pf, pa, _, _) in enumerate(terms):
                 pred = feats[pf] @ anchors[pa].T
-                target = feats[tf].detach() @ anchors[ta].detach().T
-                queue = None
-                if self.queue_size > 0:
-                    queue = F.normalize(getattr(self, f"queue_{tf}"), dim=1).to(target.dtype) @ anchors[ta].detach().T
-                out = multi_sk_loss(pred, target, k=self.k, eps=self.eps, n_iters=self.n_iters,
-                                    temperature=self.temperature, queue=queue, backend=self.backend,
-                                    return_details=return_details)
+                dtype = _compute_dtype(pred)
+                with _no_autocast(pred.device):
+                    out = _bce_exp_logits(pred.to(dtype), y[t].to(dtype), self.temperature)
                 if return_details:
-                    out, details[key] = out
+                    details[key] = MultiSKDetails(target=y[t], assignment=x[t],
+                                                  marginal_error=float(res.marginal_error[t]),
+                                                  n_iters=int(res.n_iters))
                 total = total + out / len(terms)
         if self.queue_size > 0 and self.training:
             self._push(feats)
         if self.info_nce_weight > 0:
-            total = total + self.info_nce_weight * info_nce_loss(z_a, z_b, temperature=self.info_nce_temperature)
+            nce = info_nce_loss(z_a, z_b, temperature=self.info_nce_temperature)
+            total = total + self.info_nce_weight * nce
         if return_details:
             return total, MultiSKModuleDetails(terms=details, active=active)
         return total

@@ -33,32 +33,51 @@ def make_steps(backend, grad, cost3, dtype, scaled=True):
     return get_steps(backend)
 
 
+class Problem:
+    """Base of the problem types: ``run`` defaults to ``count`` calls of ``step``."""
+
+    def run(self, eps, count):
+        for _ in range(count):
+            self.step(eps)
+
+    def mark(self):
+        """Remember the potentials (only change-based errors need it)."""
+
+
 def run_loop(problem, eps, n_iters, tol, eps_schedule, solver):
     """Run ``eps_schedule`` then ``n_iters`` iterations at ``eps``; returns ``(iterations, error)``.
 
     With ``tol`` the error is checked every ``CHECK_EVERY`` iterations at the
     final eps and the loop stops once every problem of the batch is below it;
-    the error of the returned state is always computed.
+    the error of the returned state is always computed. Iterations between
+    checks go to ``problem.run`` in one call, so a fused backend can run them
+    in one launch.
     """
-    schedule = list(eps_schedule) + [eps] * n_iters
-    total, n_warm = len(schedule), len(eps_schedule)
-    err = None
     problem.mark()
-    for it, e in enumerate(schedule, start=1):
-        if tol is None and it == total:
-            problem.mark()  # without checks, the "previous check" is the previous iteration
+    for e in eps_schedule:
         problem.step(e)
-        check = it == total or (tol is not None and it > n_warm and (it - n_warm) % CHECK_EVERY == 0)
-        if not check:
-            continue
+    start = it = len(eps_schedule)
+    total = start + n_iters
+    err = None
+    while it < total:
+        if tol is None:
+            # Without checks the "previous check" is the previous iteration.
+            problem.run(eps, total - it - 1)
+            problem.mark()
+            problem.run(eps, 1)
+            it = total
+        else:
+            nxt = min(total, start + CHECK_EVERY * ((it - start) // CHECK_EVERY + 1))
+            problem.run(eps, nxt - it)
+            it = nxt
         err = problem.error(eps)
         if not torch.isfinite(err).all():
             raise FloatingPointError(f"{solver}: non-finite marginal error at iteration {it}; "
                                      f"check the cost scale against eps={eps}")
         if tol is not None and bool((err <= tol).all()):
-            return it, err
+            break
         problem.mark()
-    return total, err
+    return it, err
 
 
 def converged(err, tol, scale):

@@ -6,12 +6,12 @@ import torch
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import MultiAssignmentResult
-from ._loop import converged, make_steps, run_loop
+from ._loop import Problem, converged, make_steps, run_loop
 
 _GRADS = ("none", "unroll")
 
 
-class _MultiAssignmentProblem:
+class _MultiAssignmentProblem(Problem):
     """Sinkhorn on the two-layer stack ``(X, 1 - X)`` with row, column and per-cell constraints.
 
     Only the differences ``u = f1 - f0``, ``v = g1 - g0`` of the layer
@@ -41,9 +41,6 @@ class _MultiAssignmentProblem:
         # Empty columns (c_j = 0) and full ones (c_j = N) sit at -inf / +inf.
         inf = torch.full_like(v, math.inf)
         self.v = torch.where(torch.isneginf(self.log_c), -inf, torch.where(torch.isneginf(self.log_not_c), inf, v))
-
-    def mark(self):
-        pass
 
     def error(self, eps):
         # Columns are exact after the column update; the row error needs one more pass.

@@ -4,7 +4,7 @@ import torch
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import PartialOTResult
-from ._loop import GRADS, converged, fold, make_steps, max_change, run_loop, value_of
+from ._loop import GRADS, Problem, converged, fold, make_steps, max_change, run_loop, value_of
 from .sinkhorn import _dot
 
 METHODS = ("bregman", "dummy")
@@ -14,7 +14,7 @@ def _lse(x, dim=-1):
     return torch.logsumexp(x, dim=dim)
 
 
-class _BregmanProblem:
+class _BregmanProblem(Problem):
     """Block dual ascent for ``min <P, C> + eps sum P (log P - 1)`` s.t. ``P 1 <= a``, ``P^T 1 <= b``, mass.
 
     With ``P_ij = exp((f_i + g_j + t - C_ij)/eps)``, ``f, g <= 0`` (caps) and
@@ -63,7 +63,7 @@ class _BregmanProblem:
         return terms
 
 
-class _DummyProblem:
+class _DummyProblem(Problem):
     """Balanced Sinkhorn on the cost extended by one dummy row and column (Chapel et al. 2020).
 
     Real rows/columns cost ``xi`` to the dummy, the dummy corner ``2 xi + A``;
@@ -101,9 +101,6 @@ class _DummyProblem:
         self.f, self.fd = -lr, -lrd
         lc, lcd = self._cols(eps)
         self.g, self.gd = -lc, -lcd
-
-    def mark(self):
-        pass
 
     def error(self, eps):
         lr, lrd = self._rows(eps)

@@ -6,20 +6,29 @@ import torch
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import SinkhornResult
-from ._loop import GRADS, converged, fold, make_steps, max_change, run_loop, value_of
+from ._loop import GRADS, Problem, converged, fold, make_steps, max_change, run_loop, value_of
 
 
 def _damping(rho, eps):
     return 1.0 if math.isinf(rho) else rho / (rho + eps)
 
 
-class _SinkhornProblem:
-    """Row update then column update; ``reach`` damps each by ``rho / (rho + eps)``."""
+class _SinkhornProblem(Problem):
+    """Row update then column update; ``reach`` damps each by ``rho / (rho + eps)``.
 
-    def __init__(self, steps, cost, log_a, log_b, f, g, rho):
+    ``fused(cost, log_a, log_b, f, g, eps, count) -> (f, g)``, when given, runs
+    ``count`` balanced iterations at once (the Triton small-problem kernel).
+    """
+
+    def __init__(self, steps, cost, log_a, log_b, f, g, rho, fused=None):
         self.steps, self.cost, self.log_a, self.log_b = steps, cost, log_a, log_b
-        self.f, self.g, self.rho = f, g, rho
+        self.f, self.g, self.rho, self.fused = f, g, rho, fused
         self._old = None
+
+    def run(self, eps, count):
+        if self.fused is None or count == 0:
+            return super().run(eps, count)
+        self.f, self.g = self.fused(self.cost, self.log_a, self.log_b, self.f, self.g, eps, count)
 
     def step(self, eps):
         da, db = (1.0, 1.0) if self.rho is None else (_damping(self.rho[0], eps), _damping(self.rho[1], eps))
@@ -27,8 +36,7 @@ class _SinkhornProblem:
         self.g = -db * self.steps.col_lse(self.cost, fold(self.f, self.log_a, eps), eps)
 
     def mark(self):
-        if self.rho is not None:
-            self._old = (self.f, self.g)
+        self._old = (self.f, self.g)
 
     def error(self, eps):
         if self.rho is not None:  # the optimum does not meet the marginals: report the potential change
@@ -170,7 +178,10 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
     loop_cost = cost3 if grad == "unroll" else cost3.detach()
     with torch.set_grad_enabled(grad == "unroll"):
         la, lb = (aw, bw) if grad == "unroll" else (aw.detach(), bw.detach())
-        problem = _SinkhornProblem(steps, loop_cost, la.log(), lb.log(), f, g, rho)
+        fused = None
+        if name == "triton" and rho is None and steps.balanced_small_supported(N, M, dtype):
+            fused = steps.balanced_small  # all iterations between checks in one launch
+        problem = _SinkhornProblem(steps, loop_cost, la.log(), lb.log(), f, g, rho, fused)
         iters, err = run_loop(problem, eps, n_iters, tol, schedule, "sinkhorn")
     f, g = problem.f, problem.g
     fv, gv = (f, g) if grad == "unroll" else (f.detach(), g.detach())
