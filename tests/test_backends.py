@@ -8,7 +8,7 @@ from ot_losses.kernels import lse_steps
 pytest.importorskip("triton")
 
 # (B, N, M): the first two take the fused one-launch path, the last the streaming kernels.
-SHAPES = [(1, 7, 33), (3, 1, 5), (2, 130, 140)]
+SHAPES = [(1, 7, 33), (3, 1, 5), (1, 65, 130)]
 IDS = ["B{}-N{}-M{}".format(*s) for s in SHAPES]
 
 
@@ -41,12 +41,12 @@ def test_sinkhorn_triton_matches_torch(shape, dtype, tol):
 def test_unbalanced_and_partial_triton_match_torch(shape):
     cost = torch.rand(*shape, dtype=torch.float64)
     for kw in (dict(reach=0.5), dict(reach=(1.0, 0.2))):
-        ref = sinkhorn(cost, eps=0.1, n_iters=30, backend="torch", **kw)
-        got = sinkhorn(cost, eps=0.1, n_iters=30, backend="triton", **kw)
+        ref = sinkhorn(cost, eps=0.1, n_iters=12, backend="torch", **kw)
+        got = sinkhorn(cost, eps=0.1, n_iters=12, backend="triton", **kw)
         assert _rel(got.plan, ref.plan) < 1e-10
     for method in ("bregman", "dummy"):
-        ref = partial_ot(cost, mass=0.3, eps=0.1, n_iters=30, method=method, backend="torch")
-        got = partial_ot(cost, mass=0.3, eps=0.1, n_iters=30, method=method, backend="triton")
+        ref = partial_ot(cost, mass=0.3, eps=0.1, n_iters=12, method=method, backend="torch")
+        got = partial_ot(cost, mass=0.3, eps=0.1, n_iters=12, method=method, backend="triton")
         assert _rel(got.plan, ref.plan) < 1e-10
         assert torch.allclose(got.mass, ref.mass, rtol=1e-10)
 
@@ -54,8 +54,8 @@ def test_unbalanced_and_partial_triton_match_torch(shape):
 @pytest.mark.parametrize("shape", SHAPES[:1] + SHAPES[2:], ids=IDS[:1] + IDS[2:])
 def test_multi_assignment_triton_matches_torch(shape):
     cost = -0.75 * torch.rand(*shape, dtype=torch.float64)
-    ref = multi_assignment_sinkhorn(cost, k=3, eps=0.07, n_iters=30, backend="torch")
-    got = multi_assignment_sinkhorn(cost, k=3, eps=0.07, n_iters=30, backend="triton")
+    ref = multi_assignment_sinkhorn(cost, k=3, eps=0.07, n_iters=12, backend="torch")
+    got = multi_assignment_sinkhorn(cost, k=3, eps=0.07, n_iters=12, backend="triton")
     assert _rel(got.assignment, ref.assignment) < 1e-10
 
 
@@ -67,13 +67,13 @@ def test_bf16_cost_triton_matches_torch():
     assert _rel(got.plan, ref.plan) < 1e-5
 
 
-@pytest.mark.parametrize("shape", [(1, 9, 12), (2, 130, 140)], ids=["fused", "streaming"])
+@pytest.mark.parametrize("shape", [(1, 9, 12), (1, 65, 130)], ids=["fused", "streaming"])
 def test_envelope_gradient_through_triton_equals_reference(shape):
     base = torch.rand(*shape, dtype=torch.float64)
     grads = {}
     for backend in ("torch", "triton"):
         cost = base.clone().requires_grad_()
-        res = sinkhorn(cost, eps=0.1, n_iters=50, backend=backend)
+        res = sinkhorn(cost, eps=0.1, n_iters=20, backend=backend)
         (res.value * torch.arange(1.0, shape[0] + 1, dtype=torch.float64)).sum().backward()
         grads[backend] = cost.grad
     assert _rel(grads["triton"], grads["torch"]) < 1e-10

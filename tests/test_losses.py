@@ -20,6 +20,15 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 DEV = {"backend": "torch"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny problems: one intra-op thread avoids OpenMP spin-wait stalls on a loaded shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------- transcriptions
 def swav_sinkhorn_ref(out, eps, n_iters):
     """SwAV ``distributed_sinkhorn`` (world size 1), exp domain, as in main_swav.py (METHODS 1)."""
