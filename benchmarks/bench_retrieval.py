@@ -27,7 +27,7 @@ seed); InfoNCE's temperature is chosen first and reused by every contrastive par
 Then each (method, rate) is trained with seeds 0, 1, 2 and evaluated on the test
 split at the last epoch: R@1/5/10 in both directions and rsum (sum of the six).
 
-Run: ``python benchmarks/bench_retrieval.py`` (about 4 minutes on 2 CPU cores),
+Run: ``python benchmarks/bench_retrieval.py`` (about 4 minutes on a shared 2-core CPU),
 ``--quick`` (a smoke run: 1 seed, 2 epochs, no search), ``--out-dir DIR``.
 """
 import argparse
@@ -316,8 +316,27 @@ def markdown(result):
             cells.append(f"{r[key][0]:.1f} ± {r[key][1]:.1f}")
         cells.append(f"{r['sec_per_epoch'][0] * 1e3:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+    lines += ["", "## Headline comparisons (rsum, paired by seed)", ""]
+    lines += headlines(result) + [""]
     return "\n".join(lines)
+
+
+def headlines(result):
+    """The two claims of the seed papers this table can test, stated from the numbers."""
+    rows = {(r["method"], r["mismatch_rate"]): r for r in result["rows"]}
+    out = []
+    for method, base, rate in (("swamp", "infonce", 0.0), ("swamp+infonce", "infonce", 0.0),
+                               ("l2rm", "infonce", 0.5), ("l2rm", "infonce", 0.2),
+                               ("multisk+infonce", "infonce", 0.0)):
+        if (method, rate) not in rows or (base, rate) not in rows:
+            continue
+        a, b = rows[(method, rate)], rows[(base, rate)]
+        wins = sum(x > y for x, y in zip(a["per_seed_rsum"], b["per_seed_rsum"]))
+        word = "higher" if a["rsum"][0] > b["rsum"][0] else "lower"
+        out.append(f"- {rate:.0%} mismatch: {method} {a['rsum'][0]:.1f} ± {a['rsum'][1]:.1f} vs {base} "
+                   f"{b['rsum'][0]:.1f} ± {b['rsum'][1]:.1f} ({word}; higher on {wins}/"
+                   f"{len(a['per_seed_rsum'])} seeds)")
+    return out
 
 
 def main(argv=None):

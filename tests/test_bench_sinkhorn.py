@@ -155,6 +155,6 @@ def test_cli_rejects_unknown_scenario_and_dtype():
         bench.build_plan(bench.parse_args(["--scenario", "nope"]), torch.device("cpu"))
     with pytest.raises(SystemExit, match="unknown"):
         bench.build_plan(bench.parse_args(["--dtype", "f8"]), torch.device("cpu"))
-    plan = bench.build_plan(bench.parse_args(["--scenario", "dense", "--sizes", "64,32x48", "--dtype", "f32"]),
-                            torch.device("cpu"))
+    args = bench.parse_args(["--scenario", "dense", "--sizes", "64,32x48", "--dtype", "f32"])
+    plan = bench.build_plan(args, torch.device("cpu"))
     assert plan == [("dense", "64", "f32"), ("dense", "32x48", "f32")]

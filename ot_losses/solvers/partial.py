@@ -70,22 +70,28 @@ class _DummyProblem(Problem):
     the dummy row carries ``sum b - mass``, the dummy column ``sum a - mass``.
     The extended cost is never built: each half-step is the backend's pass
     over the real block plus O(N + M) work for the dummy terms.
+
+    The dummy potentials are stored shifted by ``xi`` (``fd - xi``,
+    ``gd - xi``): with the dummy masses fixed, ``xi`` only adds a constant to
+    the objective, so it drops out of every update and only the corner's
+    excess cost ``A`` remains. Iterating with ``fd`` itself (~``100 max C``)
+    would lose ~1e-4 of the dummy mass to fp32 rounding.
     """
 
-    def __init__(self, steps, cost, log_a, log_b, log_ad, log_bd, xi, corner):
+    def __init__(self, steps, cost, log_a, log_b, log_ad, log_bd, xi, corner_excess):
         self.steps, self.cost = steps, cost
         self.log_a, self.log_b, self.log_ad, self.log_bd = log_a, log_b, log_ad, log_bd
-        self.xi, self.corner = xi.unsqueeze(-1), corner
+        self.xi, self.excess = xi, corner_excess
         B, N, M = cost.shape
         self.f = cost.new_zeros((B, N), dtype=log_a.dtype)
         self.g = cost.new_zeros((B, M), dtype=log_a.dtype)
-        self.fd = cost.new_zeros((B,), dtype=log_a.dtype)
-        self.gd = cost.new_zeros((B,), dtype=log_a.dtype)
+        self.fd = cost.new_zeros((B,), dtype=log_a.dtype)  # dummy-row potential minus xi
+        self.gd = cost.new_zeros((B,), dtype=log_a.dtype)  # dummy-column potential minus xi
 
     def _soft(self, lse_block, h, hd, eps):
-        """eps-log-sum-exp of the real rows/columns (given) and dummy terms, for one side."""
-        real = eps * torch.logaddexp(lse_block / eps, (hd.unsqueeze(-1) - self.xi) / eps)
-        dummy = eps * torch.logaddexp(_lse((h - self.xi) / eps), (hd - self.corner) / eps)
+        """eps-log-sum-exp over one side's real block (given) and dummy terms: real and dummy outputs."""
+        real = eps * torch.logaddexp(lse_block / eps, hd.unsqueeze(-1) / eps)
+        dummy = eps * torch.logaddexp(_lse(h / eps), (hd - self.excess) / eps)
         return real, dummy
 
     def _rows(self, eps):
@@ -120,8 +126,9 @@ class _DummyProblem(Problem):
             r, rd = a * torch.exp((f + lr) / eps), self.log_ad.exp() * torch.exp((fd + lrd) / eps)
             c, cd = b * torch.exp((g + lc) / eps), self.log_bd.exp() * torch.exp((gd + lcd) / eps)
             m_ext = a.sum(-1) + self.log_ad.exp()
-            value = (_dot(r, f) + _dot(rd.unsqueeze(-1), fd.unsqueeze(-1)) + _dot(c, g)
-                     + _dot(cd.unsqueeze(-1), gd.unsqueeze(-1)) - eps * (r.sum(-1) + rd - m_ext ** 2))
+            dummies = torch.stack([rd, cd], -1)
+            value = (_dot(r, f) + _dot(c, g) + _dot(dummies, torch.stack([fd, gd], -1) + self.xi.unsqueeze(-1))
+                     - eps * (r.sum(-1) + rd - m_ext ** 2))
             fp, gp = self.plan_potentials(eps)
             return value, None, None, fp, gp
         return terms
@@ -158,7 +165,9 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
             potential change between checks (bregman, cost units) or the L1
             error of the extended marginals (dummy). None: run ``n_iters``.
         method: ``"bregman"`` or ``"dummy"``.
-        dummy_cost: cost of the dummy entries (dummy method only).
+        dummy_cost: cost of the dummy entries (dummy method only). The dummy
+            masses being fixed, it adds a constant to ``value`` and leaves the
+            plan unchanged (only the corner's excess ``max C`` matters).
         grad: ``"envelope"`` (d value / d cost = plan), ``"unroll"`` or ``"none"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
@@ -207,7 +216,7 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
             c_max = finite.detach().amax(dim=(-2, -1)).to(dtype)
             xi = torch.full_like(c_max, dummy_cost) if dummy_cost is not None else 100 * c_max
             problem = _DummyProblem(steps, loop_cost, la.log(), lb.log(), (lb.sum(-1) - m).log(),
-                                    (la.sum(-1) - m).log(), xi, 2 * xi + c_max)
+                                    (la.sum(-1) - m).log(), xi, c_max)
         iters, err = run_loop(problem, eps, n_iters, tol, [], "partial_ot")
     fp, gp = problem.plan_potentials(eps)
     if method == "bregman":
