@@ -202,3 +202,40 @@ def check_grad_backend(grad, backend):
     if grad == "unroll" and backend == "triton":
         raise ValueError("grad='unroll' needs the torch backend (autograd through the iterations); "
                          "got backend='triton': use grad='envelope' or backend='torch'")
+
+
+# ----------------------------------------------------------------------------- losses
+def check_matrix(x, name, *, cols=None, cols_desc="D"):
+    """``x`` must be a 2-D floating tensor (optionally with ``cols`` columns)."""
+    check_tensor(x, name)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must have shape (N, {cols_desc}); got {_shape(x)}")
+    if cols is not None and x.shape[1] != cols:
+        raise ValueError(f"{name} must have shape (N, {cols_desc}) with {cols_desc}={cols}; got {_shape(x)}")
+
+
+def check_pair(z_a, z_b, names=("z_a", "z_b")):
+    """Paired batches: both (N, D) with the same N and D (row i of each is a pair)."""
+    check_matrix(z_a, names[0])
+    check_matrix(z_b, names[1])
+    if z_a.shape != z_b.shape:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same shape (N, D) (row i of each "
+                         f"is a pair); got {names[0]} {_shape(z_a)} and {names[1]} {_shape(z_b)}")
+    if z_a.shape[0] < 1:
+        raise ValueError(f"{names[0]} must have at least one row; got {_shape(z_a)}")
+
+
+def check_devices(ref, ref_name, *others):
+    """Every ``(tensor_or_None, name)`` of ``others`` on ``ref``'s device."""
+    for x, name in others:
+        if x is not None:
+            check_same_device(x, name, ref, ref_name)
+
+
+def check_weight(x, name):
+    """A finite real number >= 0 (loss weights)."""
+    if isinstance(x, bool) or not isinstance(x, Real):
+        raise TypeError(f"{name} must be a non-negative real number; got {type(x).__name__}")
+    if not (math.isfinite(x) and x >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0; got {x}")
+    return float(x)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..solvers.partial import partial_ot
-from .info_nce import _check_device, _check_matrix, _check_positive, _compute_dtype, _no_autocast
+from .. import _validate as V
+from ._common import loss_dtype, no_autocast
 
 __all__ = ["L2RMCost", "L2RMDetails", "L2RMLoss", "l2rm_loss", "split_clean_noisy"]
 
@@ -98,16 +99,16 @@ def l2rm_loss(sim, *, cost=None, mass=0.1, eps=0.07, tau=0.05, forbid_diagonal=T
     Reference: Han et al., "Learning to Rematch Mismatched Pairs for Robust
     Cross-Modal Retrieval" (CVPR 2024); dummy-point partial OT of Chapel et al. (2020).
     """
-    _check_matrix(sim, "sim", cols_desc="m")
+    V.check_matrix(sim, "sim", cols_desc="m")
     if cost is not None:
-        _check_matrix(cost, "cost", cols_desc="m")
+        V.check_matrix(cost, "cost", cols_desc="m")
         if cost.shape != sim.shape:
             raise ValueError(f"cost must have the shape of sim {tuple(sim.shape)}; got {tuple(cost.shape)}")
-        _check_device(sim, "sim", (cost, "cost"))
-    _check_positive(tau, "tau")
-    dtype = _compute_dtype(sim)
+        V.check_devices(sim, "sim", (cost, "cost"))
+    V.check_positive(tau, "tau")
+    dtype = loss_dtype(sim)
     n, m = sim.shape
-    with torch.no_grad(), _no_autocast(sim.device):
+    with torch.no_grad(), no_autocast(sim.device):
         if cost is None:
             c = torch.relu(1.0 - sim.detach().to(dtype))
         else:
@@ -121,7 +122,7 @@ def l2rm_loss(sim, *, cost=None, mass=0.1, eps=0.07, tau=0.05, forbid_diagonal=T
         res = partial_ot(c, mass=mass, eps=eps, method="dummy", n_iters=n_iters, tol=tol, grad="none",
                          backend=backend)
         plan = res.plan.to(dtype)
-    with _no_autocast(sim.device):
+    with no_autocast(sim.device):
         loss = _sym_kl(sim.to(dtype), plan, tau)
     if not return_details:
         return loss
@@ -158,7 +159,7 @@ class L2RMCost(nn.Module):
 
     def forward(self, sim):
         """(n, batch_size) similarities -> (n, batch_size) non-negative costs."""
-        _check_matrix(sim, "sim", cols=self.batch_size, cols_desc="batch_size")
+        V.check_matrix(sim, "sim", cols=self.batch_size, cols_desc="batch_size")
         return torch.relu(F.linear(sim.to(self.linear.weight.dtype), self.linear.weight, self.linear.bias))
 
 
@@ -186,9 +187,9 @@ class L2RMLoss(nn.Module):
     def __init__(self, batch_size, *, mass=0.1, eps=0.07, tau=0.05, forbid_diagonal=True, n_iters=1000,
                  tol=1e-6, lr_cost=2e-6, backend="auto"):
         super().__init__()
-        _check_positive(tau, "tau")
-        _check_positive(eps, "eps")
-        _check_positive(lr_cost, "lr_cost")
+        V.check_positive(tau, "tau")
+        V.check_positive(eps, "eps")
+        V.check_positive(lr_cost, "lr_cost")
         self.cost_net = L2RMCost(batch_size)
         self.mass, self.eps, self.tau = mass, eps, tau
         self.forbid_diagonal, self.n_iters, self.tol, self.backend = forbid_diagonal, n_iters, tol, backend
@@ -206,7 +207,7 @@ class L2RMLoss(nn.Module):
 
     def forward(self, sim, return_details=False):
         """Loss for one noisy batch ``sim`` (n, batch_size); see :func:`l2rm_loss`."""
-        _check_matrix(sim, "sim", cols=self.cost_net.batch_size, cols_desc="batch_size")
+        V.check_matrix(sim, "sim", cols=self.cost_net.batch_size, cols_desc="batch_size")
         return l2rm_loss(sim, cost=self.cost(sim).to(sim.device), mass=self.mass, eps=self.eps, tau=self.tau,
                          forbid_diagonal=self.forbid_diagonal, n_iters=self.n_iters, tol=self.tol,
                          backend=self.backend, return_details=return_details)
@@ -223,13 +224,13 @@ class L2RMLoss(nn.Module):
         Returns:
             The detached scalar ``sum(Y * C)`` before the step.
         """
-        _check_matrix(sim_keys, "sim_keys", cols=self.cost_net.batch_size, cols_desc="batch_size")
+        V.check_matrix(sim_keys, "sim_keys", cols=self.cost_net.batch_size, cols_desc="batch_size")
         y = self._match_matrix(matches, sim_keys)
         if self._cost_optimizer is None:
             self._cost_optimizer = torch.optim.Adam(self.cost_net.parameters(), lr=self.lr_cost)
         self.cost_net.train()
         self._cost_optimizer.zero_grad(set_to_none=True)
-        with _no_autocast(sim_keys.device):
+        with no_autocast(sim_keys.device):
             value = (y * self.cost_net(sim_keys.detach().float())).sum()
         value.backward()
         self._cost_optimizer.step()

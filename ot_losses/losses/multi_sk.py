@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..solvers.multi_assignment import multi_assignment_sinkhorn
-from .info_nce import (_check_device, _check_matrix, _check_positive, _check_weight, _compute_dtype,
-                       _no_autocast, info_nce_loss)
+from .. import _validate as V
+from ._common import loss_dtype, no_autocast
+from .info_nce import info_nce_loss
 
 __all__ = ["MultiSKDetails", "MultiSKLoss", "multi_sk_loss", "multi_sk_targets"]
 
@@ -66,8 +67,8 @@ def multi_sk_targets(target, *, k=None, eps=0.07, n_iters=20, queue=None, backen
     n_anchors = target.shape[-1]
     if k is None:
         k = int(n_anchors * 0.5)
-    with torch.no_grad(), _no_autocast(target.device):
-        dtype = _compute_dtype(target, queue)
+    with torch.no_grad(), no_autocast(target.device):
+        dtype = loss_dtype(target, queue)
         s = target.detach().to(dtype)
         if queue is not None and queue.shape[0] > 0:
             s = torch.cat([queue.detach().to(dtype), s], dim=-2)
@@ -122,18 +123,18 @@ def multi_sk_loss(pred, target, *, k=None, eps=0.07, n_iters=20, temperature=0.1
     Reference: Swetha et al., "Preserving Modality Structure Improves Multi-Modal
     Learning" (ICCV 2023).
     """
-    _check_matrix(pred, "pred", cols_desc="K")
-    _check_matrix(target, "target", cols_desc="K")
+    V.check_matrix(pred, "pred", cols_desc="K")
+    V.check_matrix(target, "target", cols_desc="K")
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape (N, K); got pred {tuple(pred.shape)} "
                          f"and target {tuple(target.shape)}")
     if queue is not None:
-        _check_matrix(queue, "queue", cols=pred.shape[1], cols_desc="K")
-    _check_device(pred, "pred", (target, "target"), (queue, "queue"))
-    _check_positive(temperature, "temperature")
+        V.check_matrix(queue, "queue", cols=pred.shape[1], cols_desc="K")
+    V.check_devices(pred, "pred", (target, "target"), (queue, "queue"))
+    V.check_positive(temperature, "temperature")
     y, x, res = multi_sk_targets(target, k=k, eps=eps, n_iters=n_iters, queue=queue, backend=backend)
-    dtype = _compute_dtype(pred, target)
-    with _no_autocast(pred.device):
+    dtype = loss_dtype(pred, target)
+    with no_autocast(pred.device):
         loss = _bce_exp_logits(pred.to(dtype), y.to(dtype), temperature)
     if not return_details:
         return loss
@@ -188,8 +189,8 @@ class MultiSKLoss(nn.Module):
             raise ValueError(f"n_anchors must be an int >= 2; got {n_anchors!r}")
         if not (isinstance(queue_size, int) and queue_size >= 0):
             raise ValueError(f"queue_size must be a non-negative int; got {queue_size!r}")
-        _check_positive(temperature, "temperature")
-        _check_weight(info_nce_weight, "info_nce_weight")
+        V.check_positive(temperature, "temperature")
+        V.check_weight(info_nce_weight, "info_nce_weight")
         self.dims = tuple(dims)
         dim_a, dim_b, dim_j = self.dims
         # official ClusterAssignments: Linear weight rows, N(0, 1) init, normalised at use
@@ -215,12 +216,12 @@ class MultiSKLoss(nn.Module):
         names = ("x_a", "x_b", "z_a", "z_b")
         feats = (x_a, x_b, z_a, z_b)
         for f, name, d in zip(feats, names, (self.dims[0], self.dims[1], self.dims[2], self.dims[2])):
-            _check_matrix(f, name, cols=d, cols_desc="D")
+            V.check_matrix(f, name, cols=d, cols_desc="D")
         n = x_a.shape[0]
         for f, name in zip(feats[1:], names[1:]):
             if f.shape[0] != n:
                 raise ValueError(f"{name} must have N={n} rows like x_a; got {tuple(f.shape)}")
-        _check_device(x_a, "x_a", *zip(feats[1:], names[1:]))
+        V.check_devices(x_a, "x_a", *zip(feats[1:], names[1:]))
         feats = {nm: F.normalize(f, dim=1) for nm, f in zip(names, feats)}
         anchors = {"in_a": F.normalize(self.anchors_in_a, dim=1),
                    "in_b": F.normalize(self.anchors_in_b, dim=1),
@@ -234,7 +235,7 @@ class MultiSKLoss(nn.Module):
                 terms.append((f"joint_{j}[z_{m}]<-in_{j}", f"z_{m}", f"joint_{j}", f"x_{j}", f"in_{j}"))
         active = self.queue_size == 0 or int(self.queue_count) >= self.queue_size
         # zero that still reaches the anchors, so backward() works before the queue is full
-        total = 0.0 * sum(a.sum() for a in anchors.values()).to(_compute_dtype(*feats.values()))
+        total = 0.0 * sum(a.sum() for a in anchors.values()).to(loss_dtype(*feats.values()))
         details = {}
         if active:
             # all terms share (N [+ Q], K): one batched multi-assignment solve instead of len(terms)
@@ -250,8 +251,8 @@ class MultiSKLoss(nn.Module):
                                              backend=self.backend)
             for t, (key, pf, pa, _, _) in enumerate(terms):
                 pred = feats[pf] @ anchors[pa].T
-                dtype = _compute_dtype(pred)
-                with _no_autocast(pred.device):
+                dtype = loss_dtype(pred)
+                with no_autocast(pred.device):
                     out = _bce_exp_logits(pred.to(dtype), y[t].to(dtype), self.temperature)
                 if return_details:
                     details[key] = MultiSKDetails(target=y[t], assignment=x[t],

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..solvers.sinkhorn import sinkhorn
-from .info_nce import (_check_device, _check_matrix, _check_pair, _check_positive, _check_weight,
-                       _compute_dtype, _no_autocast, info_nce_loss)
+from .. import _validate as V
+from ._common import loss_dtype, no_autocast
+from .info_nce import info_nce_loss
 
 __all__ = ["SwAMPDetails", "SwAMPLoss", "swamp_loss", "swav_targets"]
 
@@ -54,8 +55,8 @@ def swav_targets(scores, *, eps=0.05, n_iters=3, backend="auto"):
     Returns:
         ``(Q, result)``: (N, K) tensor whose rows sum to 1, and the solver result.
     """
-    with torch.no_grad(), _no_autocast(scores.device):
-        s = scores.detach().to(_compute_dtype(scores))
+    with torch.no_grad(), no_autocast(scores.device):
+        s = scores.detach().to(loss_dtype(scores))
         res = sinkhorn(-s.T, eps=eps, n_iters=n_iters, grad="none", backend=backend)
         q = s.shape[0] * res.plan.T
     return q, res
@@ -102,23 +103,23 @@ def swamp_loss(z_a, z_b, prototypes, *, eps=0.05, temperature=0.1, n_iters=3, qu
     Reference: Kim, "Swapped Assignment of Multi-Modal Pairs" (arXiv 2111.05814);
     targets from SwAV (Caron et al., 2020).
     """
-    _check_pair(z_a, z_b)
+    V.check_pair(z_a, z_b)
     dim = z_a.shape[1]
-    _check_matrix(prototypes, "prototypes", cols=dim, cols_desc="D")
+    V.check_matrix(prototypes, "prototypes", cols=dim, cols_desc="D")
     if queue_a is not None:
-        _check_matrix(queue_a, "queue_a", cols=dim, cols_desc="D")
+        V.check_matrix(queue_a, "queue_a", cols=dim, cols_desc="D")
     if queue_b is not None:
-        _check_matrix(queue_b, "queue_b", cols=dim, cols_desc="D")
-    _check_device(z_a, "z_a", (z_b, "z_b"), (prototypes, "prototypes"), (queue_a, "queue_a"),
+        V.check_matrix(queue_b, "queue_b", cols=dim, cols_desc="D")
+    V.check_devices(z_a, "z_a", (z_b, "z_b"), (prototypes, "prototypes"), (queue_a, "queue_a"),
                   (queue_b, "queue_b"))
-    _check_positive(eps, "eps")
-    _check_positive(temperature, "temperature")
+    V.check_positive(eps, "eps")
+    V.check_positive(temperature, "temperature")
 
     if normalize:
         z_a, z_b = F.normalize(z_a, dim=1), F.normalize(z_b, dim=1)
         prototypes = F.normalize(prototypes, dim=1)
     n = z_a.shape[0]
-    dtype = _compute_dtype(z_a, z_b, prototypes)
+    dtype = loss_dtype(z_a, z_b, prototypes)
     scores_a = (z_a @ prototypes.T).to(dtype)
     scores_b = (z_b @ prototypes.T).to(dtype)
 
@@ -134,7 +135,7 @@ def swamp_loss(z_a, z_b, prototypes, *, eps=0.05, temperature=0.1, n_iters=3, qu
         res_parts.append(res)
     q_a, q_b = q_parts
 
-    with _no_autocast(scores_a.device):
+    with no_autocast(scores_a.device):
         log_p_a = F.log_softmax(scores_a / temperature, dim=1)
         log_p_b = F.log_softmax(scores_b / temperature, dim=1)
         loss = -0.5 * ((q_b * log_p_a).sum(dim=1).mean() + (q_a * log_p_b).sum(dim=1).mean())
@@ -181,9 +182,9 @@ class SwAMPLoss(nn.Module):
             raise ValueError(f"n_prototypes must be a positive int; got {n_prototypes!r}")
         if not (isinstance(queue_size, int) and queue_size >= 0):
             raise ValueError(f"queue_size must be a non-negative int; got {queue_size!r}")
-        _check_positive(eps, "eps")
-        _check_positive(temperature, "temperature")
-        _check_weight(info_nce_weight, "info_nce_weight")
+        V.check_positive(eps, "eps")
+        V.check_positive(temperature, "temperature")
+        V.check_weight(info_nce_weight, "info_nce_weight")
         self.prototypes = nn.Parameter(F.normalize(torch.randn(n_prototypes, dim), dim=1))
         self.eps, self.temperature, self.n_iters = eps, temperature, n_iters
         self.normalize, self.backend = normalize, backend
