@@ -850,13 +850,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_cpu(fn, n_iters, cfg: TimingConfig, can_reduce):
-    """Warm-up, then ``perf_counter`` around each call. Returns (times_s, n_iters_used, last_raw)."""
+def probe_cpu(fn, n_iters, cfg: TimingConfig, can_reduce):
+    """Warm-up call (a few iterations); returns (n_iters to time, number of timed repeats)."""
     probe_iters = min(n_iters, 5)
     t0 = time.perf_counter()
     fn(probe_iters)                              # warm-up (allocator, lazy imports, caches)
-    t_probe = time.perf_counter() - t0
-    per_iter = t_probe / probe_iters
+    per_iter = (time.perf_counter() - t0) / probe_iters
     n_used = n_iters
     if can_reduce and per_iter * n_iters > cfg.max_call_s:
         n_used = max(probe_iters, int(cfg.max_call_s / per_iter))
@@ -864,16 +863,49 @@ def time_cpu(fn, n_iters, cfg: TimingConfig, can_reduce):
             n_used -= n_used % 10                # POT checks its error every 10 iterations
     est = per_iter * n_used
     repeats = int(min(cfg.max_repeats, max(cfg.min_repeats, cfg.budget_s / max(est, 1e-9))))
-    times, raw = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        raw = fn(n_used)
-        times.append(time.perf_counter() - t0)
-    return times, n_used, raw
+    return n_used, repeats
+
+
+def time_cpu_interleaved(contenders, n_iters, cfg: TimingConfig, progress=None):
+    """``perf_counter`` around each call, in rounds: one call of every contender per round.
+
+    On a shared machine the load changes over seconds; interleaving makes every
+    contender of a problem see the same conditions, so their ratios stay meaningful.
+    Returns ``name -> dict(times, n_used, raw, error)``.
+    """
+    state = {}
+    for name, c in contenders.items():
+        if progress:
+            progress(f"warm-up {name}")
+        try:
+            n_used, repeats = probe_cpu(c.fn, n_iters, cfg, c.can_reduce)
+            state[name] = dict(times=[], n_used=n_used, repeats=repeats, raw=None, error=None)
+        except Exception as exc:
+            state[name] = dict(times=[], n_used=n_iters, repeats=0, raw=None, error=exc,
+                               tb=traceback.format_exc(limit=3)[-1500:])
+    rounds = max([st["repeats"] for st in state.values()] + [0])
+    for r in range(rounds):
+        if progress:
+            progress(f"round {r + 1}/{rounds}")
+        for name, c in contenders.items():
+            st = state[name]
+            if st["error"] is not None or len(st["times"]) >= st["repeats"]:
+                continue
+            try:
+                t0 = time.perf_counter()
+                st["raw"] = c.fn(st["n_used"])
+                st["times"].append(time.perf_counter() - t0)
+            except Exception as exc:
+                st["error"], st["tb"] = exc, traceback.format_exc(limit=3)[-1500:]
+    return state
 
 
 def time_cuda(fn, n_iters, cfg: TimingConfig, can_reduce, device):
-    """``triton.testing.do_bench`` (median, 20th, 80th percentile), CUDA events without triton."""
+    """``triton.testing.do_bench`` (median, 20th, 80th percentile); CUDA events for calls > 0.5 s.
+
+    Returns (times_s, n_iters_used, last_raw, is_quantiles): ``times_s`` is the
+    (median, p20, p80) triple when ``is_quantiles``, else the per-repeat times.
+    """
     torch.cuda.synchronize()
     probe_iters = min(n_iters, 5)
     fn(probe_iters)                              # warm-up: compilation, autotuning, allocator
@@ -888,7 +920,8 @@ def time_cuda(fn, n_iters, cfg: TimingConfig, can_reduce, device):
     est_ms = 1e3 * per_iter * n_used
     raw = fn(n_used)
     torch.cuda.synchronize()
-    if HAS_TRITON:
+    if HAS_TRITON and est_ms < 500:
+        # do_bench spends ~5 calls estimating before it times; long calls use events x3 instead.
         from triton.testing import do_bench
         rep = max(3 * est_ms, min(1e3 * cfg.budget_s, cfg.max_repeats * est_ms))
         q = do_bench(lambda: fn(n_used), warmup=max(1.0, est_ms), rep=rep, quantiles=[0.5, 0.2, 0.8])
@@ -896,6 +929,7 @@ def time_cuda(fn, n_iters, cfg: TimingConfig, can_reduce, device):
     repeats = int(min(cfg.max_repeats, max(cfg.min_repeats, 1e3 * cfg.budget_s / max(est_ms, 1e-6))))
     times = []
     for _ in range(repeats):
+        torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         raw = fn(n_used)
@@ -951,23 +985,38 @@ def run_problem(p: Problem, device, cfg: TimingConfig, copy_gbps, progress=None,
     order = list(contenders)
     # Run the baseline first (its f64 answer doubles as the reference); report in dict order.
     run_order = sorted(order, key=lambda n: n != BASELINE)
+    tag = f"{p.scenario} {p.label} {p.dtype}"
+    if device.type == "cuda":
+        timed = {}
+        for name in run_order:
+            if progress:
+                progress(f"{tag}: {name}")
+            try:
+                times, n_used, raw, quant = time_cuda(contenders[name].fn, p.n_iters, cfg,
+                                                      contenders[name].can_reduce, device)
+                timed[name] = dict(n_used=n_used, raw=raw, error=None)
+                timed[name]["quantiles" if quant else "times"] = times
+            except Exception as exc:
+                timed[name] = dict(n_used=p.n_iters, raw=None, error=exc,
+                                   tb=traceback.format_exc(limit=3)[-1500:])
+            torch.cuda.empty_cache()
+    else:
+        timed = time_cpu_interleaved({n: contenders[n] for n in run_order}, p.n_iters, cfg,
+                                     progress=(lambda m: progress(f"{tag}: {m}")) if progress else None)
     for name in run_order:
-        c = contenders[name]
-        if progress:
-            progress(f"{p.scenario} {p.label} {p.dtype}: {name}")
+        c, st = contenders[name], timed[name]
         row = dict(scenario=p.scenario, kind=p.kind, size=p.label, shape=list(p.shape), dtype=p.dtype,
                    eps=p.eps, contender=name, inputs=c.inputs, same_iterates=c.same_iterates,
                    note=c.note, status="ok", error=None, n_iters=p.n_iters)
         try:
-            if device.type == "cuda":
-                times, n_used, raw, quant = time_cuda(c.fn, p.n_iters, cfg, c.can_reduce, device)
-            else:
-                times, n_used, raw = time_cpu(c.fn, p.n_iters, cfg, c.can_reduce)
-                quant = False
-            if quant:
-                med, lo, hi = times
+            if st["error"] is not None:
+                raise st["error"]
+            n_used, raw = st["n_used"], st["raw"]
+            if "quantiles" in st:
+                med, lo, hi = st["quantiles"]
                 repeats, fastest = None, None
             else:
+                times = st["times"]
                 med = float(np.median(times))
                 lo, hi = (float(v) for v in np.quantile(times, [0.2, 0.8]))
                 repeats, fastest = len(times), 1e3 * min(times)
@@ -991,10 +1040,9 @@ def run_problem(p: Problem, device, cfg: TimingConfig, copy_gbps, progress=None,
                 row["agrees"] = None
         except Exception as exc:  # a failing contender is a row, not a crash
             row.update(status="error", error=f"{type(exc).__name__}: {exc}".strip()[:400],
-                       traceback=traceback.format_exc(limit=3)[-1500:])
+                       traceback=st.get("tb") or traceback.format_exc(limit=3)[-1500:])
+        st["raw"] = None
         rows.append(row)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     rows.sort(key=lambda r: order.index(r["contender"]))
     base = next((r for r in rows if r["contender"] == BASELINE and r["status"] == "ok"), None)
     for r in rows:
@@ -1344,8 +1392,9 @@ def main(argv=None):
     copy_gbps = copy_bandwidth(device)
     meta = metadata(device, args, copy_gbps)
     meta["timing_note"] = (
-        "CPU timings: median of >= 3 perf_counter repeats after a warm-up call, on a shared machine "
-        "(other jobs may run): treat ratios, not absolute times, as the result." if not cuda else
+        "CPU timings: median of >= 3 perf_counter repeats after a warm-up call, the repeats of a "
+        "problem's contenders interleaved round by round so that all see the same load; on a shared "
+        "machine (other jobs may run) treat ratios, not absolute times, as the result." if not cuda else
         "CUDA timings: triton.testing.do_bench(quantiles=[0.5, 0.2, 0.8]) after a warm-up call.")
     rows, skipped = [], []
 

@@ -17,6 +17,10 @@ settings.register_profile("dev", max_examples=60, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# The suite is thousands of tiny problems: one intra-op thread avoids the
+# thread-pool overhead that dominates them on small CPU machines.
+torch.set_num_threads(1)
+
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 

@@ -15,18 +15,9 @@ from ot_losses.solvers.multi_assignment import multi_assignment_sinkhorn
 from ot_losses.solvers.partial import partial_ot
 from ot_losses.solvers.sinkhorn import sinkhorn
 
-HAS_CUDA = torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+from conftest import HAS_CUDA, requires_cuda
+
 DEV = {"backend": "torch"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one intra-op thread avoids OpenMP spin-wait stalls on a loaded shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- transcriptions

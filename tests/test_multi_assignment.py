@@ -23,7 +23,8 @@ def double_centre(z):
 
 
 @st.composite
-def ma_problems(draw, min_n=1, max_n=12, max_m=12, eps=(0.1, 0.3, 1.0), kinds=("uniform", "random"), batch=None):
+def ma_problems(draw, min_n=1, max_n=12, max_m=12, eps=(0.1, 0.3, 1.0), kinds=("uniform", "random"),
+                batch=None):
     """(cost, k, b, eps): cost in [0, 1], 1 <= k < M with k b_j <= 0.9 (strictly feasible caps)."""
     n = draw(st.integers(min_n, max_n))
     m = draw(st.integers(2, max_m))
@@ -144,6 +145,7 @@ def test_finite_and_in_unit_interval_for_small_eps_and_large_costs(problem, scal
     assert torch.isfinite(res.f).all() and torch.isfinite(res.g).all()
 
 
+@settings(max_examples=15)
 @given(st.integers(1, 8), st.integers(3, 8), st.data(), st.sampled_from([0.05, 0.5]))
 def test_forbidden_entries_get_exactly_zero(n, m, data, eps):
     mask = data.draw(forbidden_masks(n, m))
@@ -154,14 +156,14 @@ def test_forbidden_entries_get_exactly_zero(n, m, data, eps):
     assert torch.isfinite(res.assignment).all()
 
 
-@settings(max_examples=10)
+@settings(max_examples=8)
 @given(permutation_problems(min_n=2, max_n=8))
 def test_known_permutation_with_k_one(problem):
-    # eps = 0.05 against a cost gap of 0.4: off-permutation entries ~ exp(-8) each. (At eps <= 0.03
-    # the solver needs > 20000 iterations on these problems; see the report.)
+    # eps = 0.05 against a cost gap of 0.4: off-permutation entries ~ exp(-8) each. (At 0.01 < eps <= 0.03
+    # these problems need > 20000 iterations, as balanced Sinkhorn does at eps ~ 0.05.)
     cost, sigma = problem
     n = cost.shape[0]
-    res = multi_assignment_sinkhorn(cost, 1, eps=0.05, n_iters=3000, tol=1e-6)
+    res = multi_assignment_sinkhorn(cost, 1, eps=0.05, n_iters=2000, tol=1e-6)
     target = torch.zeros(n, n, dtype=F64)
     target[torch.arange(n), sigma] = 1.0
     assert torch.equal(res.assignment.argmax(1), sigma)

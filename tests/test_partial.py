@@ -73,7 +73,8 @@ def test_bregman_matches_pot(shape, eps, frac):
     err = assert_close(res.plan, P_ref, RTOL_POT, "plan")
     _record("partial (bregman) plan", err)
     assert abs(float(res.mass) - mass) <= 1e-8 * mass
-    assert abs(float(res.transport_cost) - float((P_ref * cost_np).sum())) <= 1e-6 * float((P_ref * cost_np).sum())
+    lin = float((P_ref * cost_np).sum())
+    assert abs(float(res.transport_cost) - lin) <= 1e-6 * lin
     assert _caps_ok(res.plan, a, b)
 
 
@@ -143,8 +144,8 @@ def _corner_bound(cost, eps):
 
 
 @pytest.mark.parametrize("dummy_cost", [None, 5.0])
-@pytest.mark.parametrize("n,m,mass,eps", [(6, 6, 0.3, 0.05), (5, 9, 0.7, 0.1), (12, 4, 0.2, 0.5), (1, 4, 0.5, 0.1),
-                                          (10, 10, 0.1, 0.07)])
+@pytest.mark.parametrize("n,m,mass,eps", [(6, 6, 0.3, 0.05), (5, 9, 0.7, 0.1), (12, 4, 0.2, 0.5),
+                                          (1, 4, 0.5, 0.1), (10, 10, 0.1, 0.07)])
 def test_dummy_equals_padded_balanced_problem(n, m, mass, eps, dummy_cost):
     cost_np, a_np, b_np = _problem(n, m, "random", seed=n * 7 + m, mass_b=1.0)
     cost, a, b = (torch.tensor(x) for x in (cost_np, a_np, b_np))
@@ -295,8 +296,8 @@ def test_result_dtypes(method, dtype):
         assert getattr(res, name).dtype == out, name
     if dtype != F64:
         ref = partial_ot(cost.double(), mass=0.5, eps=0.1, method=method, n_iters=20)
-        # dummy: potentials of size ~ dummy_cost = 100 max C in fp32 -> ~1e-5 x 100 / eps in the exponent
-        assert_close(res.plan, ref.plan, 1e-5 if method == "bregman" else 3e-4, "plan vs fp64")
+        # dummy: the dummy potentials are O(dummy_cost = 100 max C); fp32 must not lose the real block to them
+        assert_close(res.plan, ref.plan, 1e-5, "plan vs fp64")
 
 
 def test_zz_report_pot_errors():

@@ -37,9 +37,10 @@ class _BregmanProblem(Problem):
     def step(self, eps):
         zero = torch.zeros((), dtype=self.f.dtype, device=self.f.device)
         t = self.t.unsqueeze(-1)
-        self.f = torch.minimum(zero, eps * self.log_a - self.steps.row_lse(self.cost, self.g + t, eps))
+        # fold: a zero-mass row or column gets -inf even when it is entirely forbidden (-inf - -inf).
+        self.f = torch.minimum(zero, fold(-self.steps.row_lse(self.cost, self.g + t, eps), self.log_a, eps))
         lc = self.steps.col_lse(self.cost, self.f, eps)
-        self.g = torch.minimum(zero, eps * self.log_b - (lc + t))
+        self.g = torch.minimum(zero, fold(-(lc + t), self.log_b, eps))
         self.t = self._mass_multiplier(lc, eps)
 
     def mark(self):
@@ -213,7 +214,8 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
         else:
             finite = torch.where(torch.isfinite(cost3), cost3, torch.zeros((), dtype=cost3.dtype,
                                                                            device=cost3.device))
-            c_max = finite.detach().amax(dim=(-2, -1)).to(dtype)
+            c_max = finite.amax(dim=(-2, -1)).to(dtype)
+            c_max = c_max if unroll else c_max.detach()
             xi = torch.full_like(c_max, dummy_cost) if dummy_cost is not None else 100 * c_max
             problem = _DummyProblem(steps, loop_cost, la.log(), lb.log(), (lb.sum(-1) - m).log(),
                                     (la.sum(-1) - m).log(), xi, c_max)
