@@ -15,7 +15,7 @@ from ot_losses.solvers.multi_assignment import multi_assignment_sinkhorn
 from ot_losses.solvers.partial import partial_ot
 from ot_losses.solvers.sinkhorn import sinkhorn
 
-from conftest import HAS_CUDA, requires_cuda
+from conftest import requires_cuda
 
 DEV = {"backend": "torch"}
 
