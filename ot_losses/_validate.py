@@ -67,12 +67,18 @@ def check_same_device(x, name, cost, cost_name="cost"):
 
 
 def check_cost_values(cost3, name="cost"):
-    """No NaN and no ``-inf``; ``+inf`` marks forbidden entries."""
+    """No NaN and no ``-inf``; returns whether ``+inf`` (forbidden) entries exist.
+
+    One pass over the cost in the common all-finite case.
+    """
+    if bool(torch.isfinite(cost3).all()):
+        return False
     if torch.isnan(cost3).any():
         raise ValueError(f"{name} must not contain NaN; got {int(torch.isnan(cost3).sum())} NaN entries")
     if torch.isneginf(cost3).any():
         raise ValueError(f"{name} must not contain -inf (+inf marks forbidden entries); "
                          f"got {int(torch.isneginf(cost3).sum())} -inf entries")
+    return True
 
 
 def check_marginal_values(w, name):

@@ -95,7 +95,7 @@ def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=Non
     bw = V.check_marginal(b, "b", cost3, 2, batched)
     name = resolve_backend(backend, cost3.device)
     V.check_grad_backend(grad, name)
-    V.check_cost_values(cost3)
+    forbidden = V.check_cost_values(cost3)
     V.check_marginal_values(bw, "b")
     if not torch.allclose(bw.sum(-1), torch.ones_like(bw[..., 0]), rtol=0, atol=1e-5):
         raise ValueError(f"b must sum to 1 (column j receives k * N * b_j, rows k each); "
@@ -104,7 +104,8 @@ def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=Non
     if (target > N * (1 + 1e-6)).any():
         raise ValueError(f"b must satisfy k * N * b_j <= N (each column holds at most N units); "
                          f"got max k * N * b_j = {target.max().item():.6g} > N = {N}")
-    V.check_feasible(cost3, torch.ones((B, N), dtype=bw.dtype, device=bw.device), bw)
+    if forbidden:
+        V.check_feasible(cost3, torch.ones((B, N), dtype=bw.dtype, device=bw.device), bw)
 
     steps = make_steps(name, grad, cost3, V.compute_dtype(cost3), scaled=False)
     unroll = grad == "unroll"
