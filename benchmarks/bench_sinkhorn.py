@@ -1393,7 +1393,7 @@ def main(argv=None):
     elif cuda:
         cfg = TimingConfig(budget_s=1.0, max_call_s=5.0, min_repeats=3, max_repeats=args.repeats or 100)
     else:
-        cfg = TimingConfig(budget_s=0.5, max_call_s=0.8, min_repeats=3, max_repeats=args.repeats or 7)
+        cfg = TimingConfig(budget_s=0.3, max_call_s=0.3, min_repeats=3, max_repeats=args.repeats or 7)
     plan = build_plan(args, device)
     only = [s.strip() for s in args.contenders.split(",")] if args.contenders else None
 
