@@ -410,8 +410,11 @@ def _ours():
         return None, f"import ot_losses failed: {type(exc).__name__}: {exc}"
 
 
-def _pot_transposed_log(p, nx_torch):
-    """POT's sinkhorn_log updates columns first; on (C^T, b, a) its iterates are ours (rows first)."""
+def _pot_transposed(p, nx_torch, method):
+    """POT's ``ot.sinkhorn`` (``method`` "sinkhorn_log" or "sinkhorn") on ``(C^T, b, a)``.
+
+    POT updates columns first; on the transposed problem its iterates are ours (rows first).
+    """
     import ot
     if nx_torch:
         ct, aa, bb = p.cost.T.contiguous(), p.b, p.a
@@ -421,35 +424,18 @@ def _pot_transposed_log(p, nx_torch):
     def fn(n_iters):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return ot.sinkhorn(aa, bb, ct, p.eps, method="sinkhorn_log", numItermax=n_iters,
+            return ot.sinkhorn(aa, bb, ct, p.eps, method=method, numItermax=n_iters,
                                stopThr=-1.0, log=True, warn=False)
 
     def solution(raw):
         log = raw[1]
-        log_u = torch.as_tensor(log["log_u"]).double().to(p.cost.device)   # (M,): columns of C
-        log_v = torch.as_tensor(log["log_v"]).double().to(p.cost.device)   # (N,): rows of C
+        if method == "sinkhorn_log":
+            log_u, log_v = log["log_u"], log["log_v"]        # (M,): columns of C, (N,): rows of C
+        else:
+            log_u, log_v = torch.as_tensor(log["u"]).log(), torch.as_tensor(log["v"]).log()
+        log_u = torch.as_tensor(log_u).double().to(p.cost.device)
+        log_v = torch.as_tensor(log_v).double().to(p.cost.device)
         return _fg(p.eps * (log_v - p.a.double().log()), p.eps * (log_u - p.b.double().log()))
-    return fn, solution
-
-
-def _pot_transposed_exp(p, nx_torch):
-    import ot
-    if nx_torch:
-        ct, aa, bb = p.cost.T.contiguous(), p.b, p.a
-    else:
-        ct, aa, bb = (p.cost.T.contiguous().cpu().numpy(), p.b.cpu().numpy(), p.a.cpu().numpy())
-
-    def fn(n_iters):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return ot.sinkhorn(aa, bb, ct, p.eps, method="sinkhorn", numItermax=n_iters,
-                               stopThr=-1.0, log=True, warn=False)
-
-    def solution(raw):
-        log = raw[1]
-        u = torch.as_tensor(log["u"]).double().to(p.cost.device)
-        v = torch.as_tensor(log["v"]).double().to(p.cost.device)
-        return _fg(p.eps * (v.log() - p.a.double().log()), p.eps * (u.log() - p.b.double().log()))
     return fn, solution
 
 
@@ -517,7 +503,7 @@ def make_contenders(p: Problem, device: torch.device):
             if p.cost.dim() == 3:
                 return _pot_batched(p, kind, nx_torch)
             if p.kind in ("balanced", "swav"):
-                fn, sol = (_pot_transposed_log if kind == "log" else _pot_transposed_exp)(p, nx_torch)
+                fn, sol = _pot_transposed(p, nx_torch, "sinkhorn_log" if kind == "log" else "sinkhorn")
                 if p.kind == "swav":
                     return Contender(fn=fn, solution=lambda raw: {"plan": _plan_from(p, sol(raw))},
                                      note="on (C^T, b, a) so its update order is ours")
