@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import requires_cuda
 from ot_losses import multi_assignment_sinkhorn, partial_ot, sinkhorn
 from ot_losses.kernels import lse_steps
 
@@ -94,3 +95,35 @@ def test_auto_uses_torch_on_cpu_tensors():
     from ot_losses._backend import resolve_backend
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+# ----------------------------------------------------------------------------- CUDA (skipped without a GPU)
+@requires_cuda
+@pytest.mark.parametrize("shape", [(1, 1000, 1500), (4, 256, 256), (1, 3000, 256)],
+                         ids=["N1000-M1500", "B4-N256", "swav-3000x256"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-4), (torch.float64, 1e-10)],
+                         ids=["fp32", "bf16", "fp64"])
+def test_cuda_auto_uses_triton_and_matches_torch(shape, dtype, tol):
+    cost = torch.rand(*shape, device="cuda").to(dtype)
+    ref = sinkhorn(cost, eps=0.05, n_iters=50, backend="torch")
+    got = sinkhorn(cost, eps=0.05, n_iters=50, backend="auto")
+    assert got.f.device.type == "cuda"
+    assert _rel(got.plan, ref.plan) < tol
+
+
+@requires_cuda
+def test_cuda_partial_multi_and_gradient_match_torch():
+    cost = torch.rand(2, 300, 200, device="cuda", dtype=torch.float64)
+    for method in ("bregman", "dummy"):
+        ref = partial_ot(cost, mass=0.3, eps=0.05, n_iters=100, method=method, backend="torch")
+        got = partial_ot(cost, mass=0.3, eps=0.05, n_iters=100, method=method, backend="triton")
+        assert _rel(got.plan, ref.plan) < 1e-10
+    ref = multi_assignment_sinkhorn(-cost, k=20, eps=0.07, n_iters=50, backend="torch")
+    got = multi_assignment_sinkhorn(-cost, k=20, eps=0.07, n_iters=50, backend="triton")
+    assert _rel(got.assignment, ref.assignment) < 1e-10
+    grads = []
+    for backend in ("torch", "triton"):
+        c = cost.clone().requires_grad_()
+        sinkhorn(c, eps=0.05, n_iters=50, backend=backend).value.sum().backward()
+        grads.append(c.grad)
+    assert _rel(grads[1], grads[0]) < 1e-10
