@@ -70,3 +70,21 @@ def test_partial_fast_path_matches_unrolled_reference():
     fast = partial_ot(cost, mass=0.4, eps=0.05, n_iters=300, grad="none", backend="torch")
     ref = partial_ot(cost, mass=0.4, eps=0.05, n_iters=300, grad="unroll", backend="torch")
     assert torch.allclose(fast.plan, ref.plan.detach(), rtol=1e-9, atol=1e-13)
+
+
+def test_autocast_region_does_not_lower_precision():
+    """A solver called inside a caller's autocast region still computes in the cost's precision."""
+    cost = torch.rand(40, 60)
+    ref = sinkhorn(cost, eps=0.05, n_iters=50, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sinkhorn(cost, eps=0.05, n_iters=50, backend="torch")
+        value = got.value
+    assert got.f.dtype == torch.float32 and value.dtype == torch.float32
+    assert torch.allclose(got.f, ref.f, rtol=0, atol=1e-6)
+    assert torch.allclose(value, ref.value, rtol=1e-6, atol=0)
+    ref_p = partial_ot(cost, mass=0.3, eps=0.05, n_iters=50, method="dummy", backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_p = partial_ot(cost, mass=0.3, eps=0.05, n_iters=50, method="dummy", backend="torch")
+        plan = got_p.plan
+    assert plan.dtype == torch.float32
+    assert torch.allclose(plan, ref_p.plan, rtol=1e-5, atol=1e-9)

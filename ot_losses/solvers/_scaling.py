@@ -61,10 +61,16 @@ class ScalingSteps:
         self._eps = eps
         self._K = torch.exp((self._p.unsqueeze(-1) + self._q.unsqueeze(-2) - self._cost) / eps)
 
+    def _bmm(self, x, y):
+        # A caller's autocast region must not turn the products into fp16/bf16
+        # (the scaling vectors span exp(+-tau)).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return torch.bmm(x, y)
+
     def row_lse(self, cost, h, eps):
         w = self._offset(h, self._q, eps)
         if w is not None:
-            s = torch.bmm(self._K, w.unsqueeze(-1)).squeeze(-1)
+            s = self._bmm(self._K, w.unsqueeze(-1)).squeeze(-1)
             if (s > 0).all():
                 return eps * torch.log(s) - self._p
         out = _torch_steps.row_lse(self._cost, h, eps)
@@ -74,7 +80,7 @@ class ScalingSteps:
     def col_lse(self, cost, h, eps):
         w = self._offset(h, self._p, eps)
         if w is not None:
-            s = torch.bmm(w.unsqueeze(-2), self._K).squeeze(-2)
+            s = self._bmm(w.unsqueeze(-2), self._K).squeeze(-2)
             if (s > 0).all():
                 return eps * torch.log(s) - self._q
         out = _torch_steps.col_lse(self._cost, h, eps)
