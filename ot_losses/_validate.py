@@ -69,9 +69,12 @@ def check_same_device(x, name, cost, cost_name="cost"):
 def check_cost_values(cost3, name="cost"):
     """No NaN and no ``-inf``; returns whether ``+inf`` (forbidden) entries exist.
 
-    One pass over the cost in the common all-finite case.
+    One reduction over the cost in the common all-finite case: a sum is
+    finite only if no entry is NaN or infinite (an overflowing sum merely
+    takes the detailed path below).
     """
-    if bool(torch.isfinite(cost3).all()):
+    acc = torch.float64 if cost3.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(cost3.sum(dtype=acc))):
         return False
     if torch.isnan(cost3).any():
         raise ValueError(f"{name} must not contain NaN; got {int(torch.isnan(cost3).sum())} NaN entries")

@@ -55,10 +55,23 @@ class ScalingSteps:
             return None
         return torch.exp(d)  # h = -inf (zero mass) gives weight 0
 
-    def _anchor(self, p, q, eps):
-        self._p = torch.where(torch.isfinite(p), p, torch.zeros_like(p))
-        self._q = torch.where(torch.isfinite(q), q, torch.zeros_like(q))
+    def _anchor(self, p, q, eps, z, dim):
+        """Reset the anchors to ``p, q`` after an exact step whose exponents were ``z``.
+
+        ``z`` is ``(q_j - C_ij)/eps`` (``dim=-1``) or ``(p_i - C_ij)/eps``
+        (``dim=-2``), so the kernel is ``exp(z + other/eps)`` without another
+        pass over the cost, unless an anchor entry is infinite (zero mass or
+        an all-forbidden line), which is replaced by 0.
+        """
+        finite_p, finite_q = torch.isfinite(p), torch.isfinite(q)
         self._eps = eps
+        if bool(finite_p.all()) and bool(finite_q.all()):
+            self._p, self._q = p, q
+            other = p.unsqueeze(-1) if dim == -1 else q.unsqueeze(-2)
+            self._K = z.add_(other / eps).exp_()
+            return
+        self._p = torch.where(finite_p, p, torch.zeros_like(p))
+        self._q = torch.where(finite_q, q, torch.zeros_like(q))
         self._K = torch.exp((self._p.unsqueeze(-1) + self._q.unsqueeze(-2) - self._cost) / eps)
 
     def _bmm(self, x, y):
@@ -73,8 +86,9 @@ class ScalingSteps:
             s = self._bmm(self._K, w.unsqueeze(-1)).squeeze(-1)
             if (s > 0).all():
                 return eps * torch.log(s) - self._p
-        out = _torch_steps.row_lse(self._cost, h, eps)
-        self._anchor(-out, h, eps)
+        z = (h.unsqueeze(-2) - self._cost) / eps
+        out = eps * torch.logsumexp(z, dim=-1)
+        self._anchor(-out, h, eps, z, -1)
         return out
 
     def col_lse(self, cost, h, eps):
@@ -83,6 +97,7 @@ class ScalingSteps:
             s = self._bmm(w.unsqueeze(-2), self._K).squeeze(-2)
             if (s > 0).all():
                 return eps * torch.log(s) - self._q
-        out = _torch_steps.col_lse(self._cost, h, eps)
-        self._anchor(h, -out, eps)
+        z = (h.unsqueeze(-1) - self._cost) / eps
+        out = eps * torch.logsumexp(z, dim=-2)
+        self._anchor(h, -out, eps, z, -2)
         return out
