@@ -120,7 +120,7 @@ SCENARIOS = {s.name: s for s in [
              100, 0.05, ("400x1600",), ("512x2048", "2048x8192", "4096x16384"),
              ("48x96",), ("f32",), ("f32",)),
     Scenario("swav", "swav", "SwAV normalisation: scores (B, 3000) cosines, cost -S^T, 3 iterations, "
-             "output Q = B * plan^T", 3, 0.05, ("256", "512"), ("256", "512", "1024", "2048", "4096"),
+             "output Q = B * plan^T", 3, 0.05, ("256",), ("256", "512", "1024", "2048", "4096"),
              ("32",), ("f32",), ("f32",)),
     Scenario("batched", "balanced", "B independent 256x256 problems in one call",
              100, 0.05, ("16x256x256",), ("64x256x256", "256x256x256", "1024x256x256"),
@@ -132,7 +132,7 @@ SCENARIOS = {s.name: s for s in [
     Scenario("multi", "multi", "multi-assignment (Multi-SK): cost -0.75*S, M=64 anchors, k=32, eps 0.07",
              20, 0.07, ("1000x64",), ("5716x64", "20000x256"), ("64x16",), ("f32",), ("f32",)),
     Scenario("lowp", "balanced", "half-precision cost storage (fp16/bf16), fp32 accumulation",
-             100, 0.05, ("1000",), ("4096", "16384"), ("64",), ("f16", "bf16"), ("f16", "bf16"),
+             100, 0.05, ("1000",), ("4096", "16384"), ("64",), ("bf16",), ("f16", "bf16"),
              ("bf16",)),
 ]}
 
