@@ -21,6 +21,8 @@ time, entries that underflow are smaller than ``exp(-708)`` (fp64) or
 ``exp(-87)`` (fp32) and matter less than ``exp(2 tau)`` times that relative
 to the row, i.e. below the working precision for the ``tau`` chosen below.
 """
+import math
+
 import torch
 
 from . import _torch_steps
@@ -38,7 +40,8 @@ class ScalingSteps:
 
     def __init__(self, cost, dtype):
         self._cost = cost.to(dtype)
-        self._tau = _TAU[dtype]
+        self._w_max = math.exp(_TAU[dtype])
+        self._w_min = math.exp(-_TAU[dtype])
         self._eps = None
         self._K = self._p = self._q = None
 
@@ -46,14 +49,19 @@ class ScalingSteps:
         return getattr(_torch_steps, name)
 
     def _offset(self, h, anchor, eps):
-        """``exp((h - anchor) / eps)`` if within range of the cached kernel, else None."""
+        """``exp((h - anchor) / eps)`` if within ``exp(+-tau)`` of the cached kernel, else None.
+
+        Zero-mass entries (``h = -inf``) get weight 0 and are exempt from the range.
+        """
         if self._K is None or eps != self._eps:
             return None
-        d = (h - anchor) / eps
-        finite = torch.isfinite(h)
-        if torch.where(finite, d.abs(), torch.zeros_like(d)).max() > self._tau:
+        w = torch.exp((h - anchor) / eps)
+        lo, hi = torch.stack(torch.aminmax(w)).tolist()  # one host sync
+        if hi > self._w_max:
             return None
-        return torch.exp(d)  # h = -inf (zero mass) gives weight 0
+        if lo < self._w_min and torch.where(torch.isneginf(h), self._w_max, w).min() < self._w_min:
+            return None
+        return w
 
     def _anchor(self, p, q, eps, z, dim):
         """Reset the anchors to ``p, q`` after an exact step whose exponents were ``z``.
