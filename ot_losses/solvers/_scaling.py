@@ -13,9 +13,11 @@ anchors are reset to the current potentials ("absorption", Schmitzer 2019),
 so the iterates are those of the log-domain algorithm and nothing overflows
 at eps = 1e-3.
 
-Why this choice: on a 2-core CPU at 2000 x 2000 the exp-free step is ~10x
-cheaper than a logsumexp pass (measured in ``benchmarks/bench_sinkhorn.py``),
-within a few percent of an exp-domain Sinkhorn, yet stable. ``tau`` bounds the
+Why this choice (``benchmarks/results/cpu-2026-11-23.md``, 2-core CPU,
+2000 x 2000, eps 0.05, 100 iterations, ms per iteration f64 / f32): this
+path 1.53 / 0.87, a plain logsumexp loop 16-25 / 8.1, POT's torch-backend
+``sinkhorn_log`` 12.5 / 5.2, POT's exp-domain ``ot.sinkhorn`` 1.38 / 0.77:
+exp-domain speed, log-domain iterates and stability. ``tau`` bounds the
 dynamic range of the scaling vector: with ``K`` rows summing to 1 at anchor
 time, entries that underflow are smaller than ``exp(-708)`` (fp64) or
 ``exp(-87)`` (fp32) and matter less than ``exp(2 tau)`` times that relative
