@@ -176,22 +176,21 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
     B, N, M = cost3.shape
     f, g = init if init is not None else (cost3.new_zeros((B, N), dtype=dtype),
                                            cost3.new_zeros((B, M), dtype=dtype))
-    loop_cost = cost3 if grad == "unroll" else cost3.detach()
-    with torch.set_grad_enabled(grad == "unroll"):
-        la, lb = (aw, bw) if grad == "unroll" else (aw.detach(), bw.detach())
+    unroll = grad == "unroll"
+    loop_cost = cost3 if unroll else cost3.detach()
+    with torch.set_grad_enabled(unroll):
+        log_a, log_b = (aw.log(), bw.log()) if unroll else (aw.detach().log(), bw.detach().log())
         fused = None
         if name == "triton" and rho is None and steps.balanced_small_supported(N, M, dtype):
             fused = steps.balanced_small  # all iterations between checks in one launch
-        problem = _SinkhornProblem(steps, loop_cost, la.log(), lb.log(), f, g, rho, fused)
+        problem = _SinkhornProblem(steps, loop_cost, log_a, log_b, f, g, rho, fused)
         iters, err = run_loop(problem, eps, n_iters, tol, schedule, "sinkhorn")
-    f, g = problem.f, problem.g
-    fv, gv = (f, g) if grad == "unroll" else (f.detach(), g.detach())
+    f, g = problem.f, problem.g  # outside "unroll" the loop ran without grad: already detached
     scale = aw.sum(-1).detach() if rho is None else torch.full_like(err, eps)
-    res = SinkhornResult(
-        f=f if batched else f.squeeze(0), g=g if batched else g.squeeze(0), n_iters=iters,
-        marginal_error=err if batched else err.squeeze(0),
-        converged=converged(err, tol, scale) if batched else converged(err, tol, scale).squeeze(0),
-        _cost=loop_cost, _fp=fold(f, la.log(), eps), _gp=fold(g, lb.log(), eps), _eps=eps,
-        _batched=batched, _steps=steps, _differentiable=grad == "unroll",
-        _value_fn=value_of(grad, cost3, aw, bw, _value_terms(steps, eps, rho, fv, gv), steps, eps))
-    return res
+    squeeze = (lambda x: x) if batched else (lambda x: x.squeeze(0))
+    return SinkhornResult(
+        f=squeeze(f), g=squeeze(g), n_iters=iters, marginal_error=squeeze(err),
+        converged=squeeze(converged(err, tol, scale)),
+        _cost=loop_cost, _fp=fold(f, log_a, eps), _gp=fold(g, log_b, eps), _eps=eps,
+        _batched=batched, _steps=steps, _differentiable=unroll,
+        _value_fn=value_of(grad, cost3, aw, bw, _value_terms(steps, eps, rho, f, g), steps, eps))
