@@ -241,6 +241,13 @@ def check_devices(ref, ref_name, *others):
             check_same_device(x, name, ref, ref_name)
 
 
+def check_count(x, name, minimum):
+    """A module size such as ``dim`` or ``queue_size``: an int >= ``minimum`` (ValueError otherwise)."""
+    if not (isinstance(x, int) and x >= minimum):
+        raise ValueError(f"{name} must be an int >= {minimum}; got {x!r}")
+    return x
+
+
 def check_weight(x, name):
     """A finite real number >= 0 (loss weights)."""
     if isinstance(x, bool) or not isinstance(x, Real):

@@ -149,8 +149,7 @@ class L2RMCost(nn.Module):
 
     def __init__(self, batch_size):
         super().__init__()
-        if not (isinstance(batch_size, int) and batch_size >= 1):
-            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+        V.check_count(batch_size, "batch_size", 1)
         self.batch_size = batch_size
         self.linear = nn.Linear(batch_size, batch_size)
         with torch.no_grad():

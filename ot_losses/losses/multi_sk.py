@@ -182,13 +182,11 @@ class MultiSKLoss(nn.Module):
         super().__init__()
         if isinstance(dims, int):
             dims = (dims, dims, dims)
-        if not (isinstance(dims, (tuple, list)) and len(dims) == 3 and all(isinstance(d, int) and d >= 1
-                                                                          for d in dims)):
+        dims_ok = isinstance(dims, (tuple, list)) and len(dims) == 3
+        if not (dims_ok and all(isinstance(d, int) and d >= 1 for d in dims)):
             raise ValueError(f"dims must be (dim_a, dim_b, dim_joint) positive ints or one int; got {dims!r}")
-        if not (isinstance(n_anchors, int) and n_anchors >= 2):
-            raise ValueError(f"n_anchors must be an int >= 2; got {n_anchors!r}")
-        if not (isinstance(queue_size, int) and queue_size >= 0):
-            raise ValueError(f"queue_size must be a non-negative int; got {queue_size!r}")
+        V.check_count(n_anchors, "n_anchors", 2)
+        V.check_count(queue_size, "queue_size", 0)
         V.check_positive(temperature, "temperature")
         V.check_weight(info_nce_weight, "info_nce_weight")
         self.dims = tuple(dims)
@@ -246,9 +244,9 @@ class MultiSKLoss(nn.Module):
                     if self.queue_size > 0:
                         past = F.normalize(getattr(self, f"queue_{tf}"), dim=1).to(targets[-1].dtype)
                         queues.append(past @ anchors[ta].detach().T)
+                queue = torch.stack(queues) if queues else None
                 y, x, res = multi_sk_targets(torch.stack(targets), k=self.k, eps=self.eps,
-                                             n_iters=self.n_iters, queue=torch.stack(queues) if queues else None,
-                                             backend=self.backend)
+                                             n_iters=self.n_iters, queue=queue, backend=self.backend)
             for t, (key, pf, pa, _, _) in enumerate(terms):
                 pred = feats[pf] @ anchors[pa].T
                 dtype = loss_dtype(pred)

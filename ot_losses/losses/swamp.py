@@ -111,7 +111,7 @@ def swamp_loss(z_a, z_b, prototypes, *, eps=0.05, temperature=0.1, n_iters=3, qu
     if queue_b is not None:
         V.check_matrix(queue_b, "queue_b", cols=dim, cols_desc="D")
     V.check_devices(z_a, "z_a", (z_b, "z_b"), (prototypes, "prototypes"), (queue_a, "queue_a"),
-                  (queue_b, "queue_b"))
+                    (queue_b, "queue_b"))
     V.check_positive(eps, "eps")
     V.check_positive(temperature, "temperature")
 
@@ -176,12 +176,9 @@ class SwAMPLoss(nn.Module):
                  n_iters=3, normalize=True, freeze_prototypes_steps=0, renormalize_prototypes=True,
                  info_nce_weight=0.0, info_nce_temperature=0.07, backend="auto"):
         super().__init__()
-        if not (isinstance(dim, int) and dim >= 1):
-            raise ValueError(f"dim must be a positive int; got {dim!r}")
-        if not (isinstance(n_prototypes, int) and n_prototypes >= 1):
-            raise ValueError(f"n_prototypes must be a positive int; got {n_prototypes!r}")
-        if not (isinstance(queue_size, int) and queue_size >= 0):
-            raise ValueError(f"queue_size must be a non-negative int; got {queue_size!r}")
+        V.check_count(dim, "dim", 1)
+        V.check_count(n_prototypes, "n_prototypes", 1)
+        V.check_count(queue_size, "queue_size", 0)
         V.check_positive(eps, "eps")
         V.check_positive(temperature, "temperature")
         V.check_weight(info_nce_weight, "info_nce_weight")

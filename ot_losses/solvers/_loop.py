@@ -22,6 +22,11 @@ def fold(pot, log_w, eps):
     return torch.where(torch.isneginf(log_w), log_w, pot + eps * log_w)
 
 
+def unbatch(x, batched):
+    """Drop the leading batch dimension the solvers add to an unbatched input."""
+    return x if batched else x.squeeze(0)
+
+
 def make_steps(backend, grad, cost3, dtype, scaled=True):
     """Half-step namespace for a resolved backend and gradient mode.
 

@@ -6,7 +6,7 @@ import torch
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import MultiAssignmentResult
-from ._loop import Problem, converged, make_steps, run_loop
+from ._loop import Problem, converged, make_steps, run_loop, unbatch
 
 _GRADS = ("none", "unroll")
 
@@ -40,7 +40,8 @@ class _MultiAssignmentProblem(Problem):
         v = self.v + eps * (self.log_c - self.log_not_c) - c1 + c0
         # Empty columns (c_j = 0) and full ones (c_j = N) sit at -inf / +inf.
         inf = torch.full_like(v, math.inf)
-        self.v = torch.where(torch.isneginf(self.log_c), -inf, torch.where(torch.isneginf(self.log_not_c), inf, v))
+        v = torch.where(torch.isneginf(self.log_not_c), inf, v)
+        self.v = torch.where(torch.isneginf(self.log_c), -inf, v)
 
     def error(self, eps):
         # Columns are exact after the column update; the row error needs one more pass.
@@ -116,6 +117,6 @@ def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=Non
         iters, err = run_loop(problem, eps, n_iters, tol, [], "multi_assignment_sinkhorn")
         assignment = torch.sigmoid(steps.log_plan(loop_cost, problem.u, problem.v, eps))
     conv = converged(err, tol, k * N)
-    squeeze = (lambda x: x) if batched else (lambda x: x.squeeze(0))
-    return MultiAssignmentResult(assignment=squeeze(assignment), f=squeeze(problem.u), g=squeeze(problem.v),
-                                 n_iters=iters, marginal_error=squeeze(err), converged=squeeze(conv))
+    return MultiAssignmentResult(
+        assignment=unbatch(assignment, batched), f=unbatch(problem.u, batched), g=unbatch(problem.v, batched),
+        n_iters=iters, marginal_error=unbatch(err, batched), converged=unbatch(conv, batched))

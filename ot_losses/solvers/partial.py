@@ -4,7 +4,7 @@ import torch
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import PartialOTResult
-from ._loop import GRADS, Problem, converged, fold, make_steps, max_change, run_loop, value_of
+from ._loop import GRADS, Problem, converged, fold, make_steps, max_change, run_loop, unbatch, value_of
 from .sinkhorn import _dot
 
 METHODS = ("bregman", "dummy")
@@ -127,8 +127,8 @@ class _DummyProblem(Problem):
             r, rd = a * torch.exp((f + lr) / eps), self.log_ad.exp() * torch.exp((fd + lrd) / eps)
             c, cd = b * torch.exp((g + lc) / eps), self.log_bd.exp() * torch.exp((gd + lcd) / eps)
             m_ext = a.sum(-1) + self.log_ad.exp()
-            dummies = torch.stack([rd, cd], -1)
-            value = (_dot(r, f) + _dot(c, g) + _dot(dummies, torch.stack([fd, gd], -1) + self.xi.unsqueeze(-1))
+            dummies, dummy_pots = torch.stack([rd, cd], -1), torch.stack([fd, gd], -1) + self.xi.unsqueeze(-1)
+            value = (_dot(r, f) + _dot(c, g) + _dot(dummies, dummy_pots)
                      - eps * (r.sum(-1) + rd - m_ext ** 2))
             fp, gp = self.plan_potentials(eps)
             return value, None, None, fp, gp
@@ -227,9 +227,9 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
     else:
         scale = (aw.sum(-1) + bw.sum(-1) - m).detach()
     conv = converged(err, tol, scale)
-    squeeze = (lambda x: x) if batched else (lambda x: x.squeeze(0))
     return PartialOTResult(
-        f=squeeze(problem.f), g=squeeze(problem.g), n_iters=iters, marginal_error=squeeze(err),
-        converged=squeeze(conv), _cost=loop_cost, _fp=fp, _gp=gp, _eps=eps, _batched=batched,
+        f=unbatch(problem.f, batched), g=unbatch(problem.g, batched), n_iters=iters,
+        marginal_error=unbatch(err, batched), converged=unbatch(conv, batched),
+        _cost=loop_cost, _fp=fp, _gp=gp, _eps=eps, _batched=batched,
         _steps=steps, _differentiable=unroll,
         _value_fn=value_of(grad, cost3, aw, bw, problem.terms(eps), steps, eps))

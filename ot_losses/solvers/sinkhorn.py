@@ -6,7 +6,7 @@ import torch
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import SinkhornResult
-from ._loop import GRADS, Problem, converged, fold, make_steps, max_change, run_loop, value_of
+from ._loop import GRADS, Problem, converged, fold, make_steps, max_change, run_loop, unbatch, value_of
 
 
 def _damping(rho, eps):
@@ -174,8 +174,9 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
     dtype = V.compute_dtype(cost3)
     steps = make_steps(name, grad, cost3, dtype)
     B, N, M = cost3.shape
-    f, g = init if init is not None else (cost3.new_zeros((B, N), dtype=dtype),
-                                           cost3.new_zeros((B, M), dtype=dtype))
+    if init is None:
+        init = (cost3.new_zeros((B, N), dtype=dtype), cost3.new_zeros((B, M), dtype=dtype))
+    f, g = init
     unroll = grad == "unroll"
     loop_cost = cost3 if unroll else cost3.detach()
     with torch.set_grad_enabled(unroll):
@@ -187,10 +188,9 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
         iters, err = run_loop(problem, eps, n_iters, tol, schedule, "sinkhorn")
     f, g = problem.f, problem.g  # outside "unroll" the loop ran without grad: already detached
     scale = aw.sum(-1).detach() if rho is None else torch.full_like(err, eps)
-    squeeze = (lambda x: x) if batched else (lambda x: x.squeeze(0))
     return SinkhornResult(
-        f=squeeze(f), g=squeeze(g), n_iters=iters, marginal_error=squeeze(err),
-        converged=squeeze(converged(err, tol, scale)),
+        f=unbatch(f, batched), g=unbatch(g, batched), n_iters=iters, marginal_error=unbatch(err, batched),
+        converged=unbatch(converged(err, tol, scale), batched),
         _cost=loop_cost, _fp=fold(f, log_a, eps), _gp=fold(g, log_b, eps), _eps=eps,
         _batched=batched, _steps=steps, _differentiable=unroll,
         _value_fn=value_of(grad, cost3, aw, bw, _value_terms(steps, eps, rho, f, g), steps, eps))
