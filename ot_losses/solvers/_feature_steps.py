@@ -1,0 +1,154 @@
+"""Torch half-steps over a :class:`~ot_losses.FeatureCost`, streamed by row (or column) chunks.
+
+Same names, signatures and semantics as ``_torch_steps`` with a feature cost
+in place of the dense ``(B, N, M)`` cost (the tests compare each step with its
+``_torch_steps`` twin on ``cost.dense()``); ``kernels/feature_lse.py`` is the
+Triton twin. A chunk is a ``(B, rows, M)`` tile of C (or ``(B, cols, N)`` of
+``C^T`` for a column pass, so every reduction runs over the last, contiguous
+axis), computed by one ``bmm`` and sized so that the step's temporaries fit
+in ``cost.workspace`` bytes. Without autograd the tile is reused in place;
+with it (``grad="unroll"``) the same formulas run out of place.
+
+Extra steps of this namespace: ``feature_grads`` (the envelope gradient's
+plan-weighted sums) and ``max_cost``.
+"""
+import torch
+import torch.nn.functional as F
+
+from .. import _validate as V
+from ..features import _feature_grads, _tile, workspace_rows
+
+# Live (B, rows, length) temporaries per step, for the chunk size.
+_LSE_TEMPS = 2       # the tile (reused for z) and one of logsumexp's under autograd
+_SIGMOID_TEMPS = 5   # z, two log-sigmoids, their lse temporaries
+_PLAN_TEMPS = 2      # the tile and its exp (plan_cost, feature_grads)
+
+
+def _graph(*ts):
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def _chunks(cost, dtype, by_row, temps):
+    """``(start, stop)`` of the row chunks (``by_row``) or column chunks of one pass."""
+    B, N, M = cost.shape
+    R, K = (N, M) if by_row else (M, N)
+    step = workspace_rows(cost.workspace, B, K, torch.finfo(dtype).bits // 8, temps)
+    return [(s, min(R, s + step)) for s in range(0, R, step)]
+
+
+def _lse_last(z):
+    """``logsumexp`` over the last axis; without autograd, in place on the temporary ``z``."""
+    if _graph(z):
+        return torch.logsumexp(z, dim=-1)
+    m = z.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf: exp(-inf) = 0, log 0 = -inf
+    return z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
+
+
+def _lse(cost, h, eps, by_row):
+    t = cost._terms(h.dtype)
+    outs = []
+    for s, e in _chunks(cost, h.dtype, by_row, _LSE_TEMPS):
+        c = _tile(t, s, e, by_row)
+        # (h_k - C_rk) / eps, computed as (C - h) / (-eps): the same rounding
+        z = (h.unsqueeze(-2) - c) / eps if _graph(c, h) else c.sub_(h.unsqueeze(-2)).div_(-eps)
+        outs.append(eps * _lse_last(z))
+    return torch.cat(outs, dim=1)
+
+
+def row_lse(cost, h, eps):
+    """``eps * lse_j((h_j - C_ij) / eps)``: cost (B, N, M) features, h (B, M) -> (B, N)."""
+    return _lse(cost, h, eps, by_row=True)
+
+
+def col_lse(cost, h, eps):
+    """``eps * lse_i((h_i - C_ij) / eps)``: cost (B, N, M) features, h (B, N) -> (B, M)."""
+    return _lse(cost, h, eps, by_row=False)
+
+
+def _sigmoid_lse(cost, p, h, eps, by_row):
+    t = cost._terms(p.dtype)
+    out1, out2 = [], []
+    for s, e in _chunks(cost, p.dtype, by_row, _SIGMOID_TEMPS):
+        z = (p[:, s:e].unsqueeze(-1) + h.unsqueeze(-2) - _tile(t, s, e, by_row)) / eps
+        out1.append(eps * torch.logsumexp(F.logsigmoid(z), dim=-1))
+        out2.append(eps * torch.logsumexp(F.logsigmoid(-z), dim=-1))
+    return torch.cat(out1, dim=1), torch.cat(out2, dim=1)
+
+
+def row_sigmoid_lse(cost, u, v, eps):
+    """``(eps lse_j log sigmoid(z_ij), eps lse_j log sigmoid(-z_ij))``, each (B, N).
+
+    ``z_ij = (u_i + v_j - C_ij) / eps``; cost (B, N, M) features, u (B, N), v (B, M).
+    """
+    return _sigmoid_lse(cost, u, v, eps, by_row=True)
+
+
+def col_sigmoid_lse(cost, u, v, eps):
+    """Column twin of :func:`row_sigmoid_lse`: returns two (B, M) tensors."""
+    return _sigmoid_lse(cost, v, u, eps, by_row=False)
+
+
+def log_plan(cost, f, g, eps):
+    """``(f_i + g_j - C_ij) / eps`` -> (B, N, M): materialises the plan's logarithm."""
+    t = cost._terms(f.dtype)
+    B, N, M = cost.shape
+    out = torch.empty((B, N, M), dtype=f.dtype, device=f.device)
+    for s, e in _chunks(cost, f.dtype, True, 1):
+        out[:, s:e] = (f[:, s:e].unsqueeze(-1) + g.unsqueeze(-2) - _tile(t, s, e, True)) / eps
+    return out
+
+
+def plan(cost, f, g, eps, scale=None):
+    """``exp(log_plan(cost, f, g, eps))``, times ``scale`` (B,) per problem if given: (B, N, M)."""
+    p = torch.exp(log_plan(cost, f, g, eps))
+    return p if scale is None else p * scale.to(p.dtype)[:, None, None]
+
+
+def _plan_tiles(cost, f, g, eps):
+    """``(start, stop, C tile, P tile)`` over row chunks; the plan tile is never kept."""
+    t = cost._terms(f.dtype)
+    for s, e in _chunks(cost, f.dtype, True, _PLAN_TEMPS):
+        c = _tile(t, s, e, True)
+        yield s, e, c, torch.exp((f[:, s:e].unsqueeze(-1) + g.unsqueeze(-2) - c) / eps)
+
+
+def plan_cost(cost, f, g, eps):
+    """``<P, C>`` with ``P = exp(log_plan(cost, f, g, eps))``, streamed: -> (B,)."""
+    total = 0
+    for _, _, c, p in _plan_tiles(cost, f, g, eps):
+        total = total + (p * c).sum(dim=(-2, -1))
+    return total
+
+
+def feature_grads(cost, f, g, eps, scale=None):
+    """Gradients of ``<P, C>`` at fixed ``P = exp((f_i + g_j - C_ij)/eps)`` w.r.t. the features.
+
+    Envelope theorem: this is ``d value / d (x, y)``. One streamed pass
+    accumulates the row sums, column sums, ``P (sy y)`` and ``P^T (sx x)``;
+    returns ``(B, N, D)`` and ``(B, M, D)`` in the dtype of ``f``, times
+    ``scale`` (B,) if given.
+    """
+    t = cost._terms(f.dtype)
+    B, N, M = cost.shape
+    rows, px = [], []
+    cols = f.new_zeros((B, M))
+    py = f.new_zeros((B, M, t.x.shape[-1]))
+    for s, e, _, p in _plan_tiles(cost, f, g, eps):
+        rows.append(p.sum(-1))
+        cols += p.sum(-2)
+        px.append(torch.bmm(p, t.ys))
+        py += torch.bmm(p.transpose(1, 2), t.xs[:, s:e])
+    gx, gy = _feature_grads(t, torch.cat(rows, 1), cols, torch.cat(px, 1), py)
+    if scale is not None:
+        scale = scale.to(f.dtype)[:, None, None]
+        gx, gy = gx * scale, gy * scale
+    return gx, gy
+
+
+def max_cost(cost):
+    """``(B,)`` largest cost entry of each problem (the dummy method's ``max C``), streamed."""
+    dtype = V.compute_dtype(cost)
+    t = cost._terms(dtype)
+    return torch.stack([_tile(t, s, e, True).amax(dim=(-2, -1))
+                        for s, e in _chunks(cost, dtype, True, 1)]).amax(0)
