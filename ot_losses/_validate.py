@@ -26,7 +26,16 @@ def check_tensor(x, name):
 
 
 def check_cost(cost, name="cost"):
-    """Check the cost's type and shape; return it as ``(B, N, M)`` and whether it was batched."""
+    """Check the cost's type and shape; return it as ``(B, N, M)`` and whether it was batched.
+
+    A :class:`~ot_losses.FeatureCost` (checked when built) is returned as its batched view.
+    """
+    if not isinstance(cost, torch.Tensor):
+        from .features import FeatureCost
+        if isinstance(cost, FeatureCost):
+            return cost._as_batched(), cost.batched
+        raise TypeError(f"{name} must be a torch.Tensor (or an ot_losses.FeatureCost); "
+                        f"got {type(cost).__name__}")
     check_tensor(cost, name)
     if cost.ndim not in (2, 3):
         raise ValueError(f"{name} must have shape (N, M) or (B, N, M); got {_shape(cost)}")
@@ -73,6 +82,8 @@ def check_cost_values(cost3, name="cost"):
     finite only if no entry is NaN or infinite (an overflowing sum merely
     takes the detailed path below).
     """
+    if not isinstance(cost3, torch.Tensor):  # FeatureCost: finite features, nothing forbidden
+        return cost3._check_values(name)
     acc = torch.float64 if cost3.dtype == torch.float64 else torch.float32
     if bool(torch.isfinite(cost3.sum(dtype=acc))):
         return False

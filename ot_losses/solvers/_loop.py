@@ -31,8 +31,11 @@ def make_steps(backend, grad, cost3, dtype, scaled=True):
     """Half-step namespace for a resolved backend and gradient mode.
 
     ``grad="unroll"`` keeps the plain differentiable reference steps; the torch
-    backend otherwise uses the cached-kernel fast path when ``scaled``.
+    backend otherwise uses the cached-kernel fast path when ``scaled``. A cost
+    that is not a dense tensor (``FeatureCost``) brings its own reductions.
     """
+    if not isinstance(cost3, torch.Tensor):
+        return cost3.steps(backend)
     if backend == "torch" and grad != "unroll" and scaled:
         return ScalingSteps(cost3.detach(), dtype)
     return get_steps(backend)
@@ -133,6 +136,8 @@ class EnvelopeValue(torch.autograd.Function):
 def value_of(grad, cost3, a, b, terms, steps, eps):
     """A lazy ``value`` for a result: envelope Function, plain autograd, or detached."""
     if grad == "envelope":
+        if not isinstance(cost3, torch.Tensor):  # FeatureCost: gradients go to its features
+            return lambda: cost3.envelope_value(a, b, terms, steps, eps)
         return lambda: EnvelopeValue.apply(cost3, a, b, terms, steps, eps)
     if grad == "unroll":
         return lambda: terms(cost3, a, b)[0]

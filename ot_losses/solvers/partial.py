@@ -14,6 +14,14 @@ def _lse(x, dim=-1):
     return torch.logsumexp(x, dim=dim)
 
 
+def _max_finite(cost3):
+    """``(B,)`` largest finite cost entry (0 if none); a ``FeatureCost`` streams it."""
+    if not isinstance(cost3, torch.Tensor):
+        return cost3.max_cost()
+    zero = torch.zeros((), dtype=cost3.dtype, device=cost3.device)
+    return torch.where(torch.isfinite(cost3), cost3, zero).amax(dim=(-2, -1))
+
+
 class _BregmanProblem(Problem):
     """Block dual ascent for ``min <P, C> + eps sum P (log P - 1)`` s.t. ``P 1 <= a``, ``P^T 1 <= b``, mass.
 
@@ -213,9 +221,7 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
         if method == "bregman":
             problem = _BregmanProblem(steps, loop_cost, la.log(), lb.log(), m.log(), eps)
         else:
-            finite = torch.where(torch.isfinite(cost3), cost3, torch.zeros((), dtype=cost3.dtype,
-                                                                           device=cost3.device))
-            c_max = finite.amax(dim=(-2, -1)).to(dtype)
+            c_max = _max_finite(cost3).to(dtype)
             c_max = c_max if unroll else c_max.detach()
             xi = torch.full_like(c_max, dummy_cost) if dummy_cost is not None else 100 * c_max
             problem = _DummyProblem(steps, loop_cost, la.log(), lb.log(), (lb.sum(-1) - m).log(),
