@@ -23,13 +23,11 @@ pass (:class:`_FeatureEnvelope`).
 from numbers import Integral
 
 import torch
-from torch.autograd.function import once_differentiable
-
 from . import _validate as V
 
 KINDS = ("sqeuclidean", "dot", "cosine")
 DEFAULT_WORKSPACE = 256 * 2 ** 20   # bytes of temporaries per streamed half-step
-MIN_WORKSPACE = 2 ** 16
+MIN_WORKSPACE = 2 ** 10
 
 
 def _check_features(x, name):
@@ -299,8 +297,10 @@ class _FeatureEnvelope(torch.autograd.Function):
         return value
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_value):
+        if torch.is_grad_enabled():  # create_graph=True: P's own dependence on x, y is not in this gradient
+            raise RuntimeError("the envelope gradient of value w.r.t. FeatureCost features cannot be "
+                               "differentiated again (create_graph=True); use grad='unroll'")
         fp, gp, *rest = ctx.saved_tensors
         da = rest.pop(0) if ctx.has_da else None
         db = rest.pop(0) if ctx.has_db else None

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from .. import _validate as V
 from ..features import _feature_grads, _tile, workspace_rows
 
-# Live (B, rows, length) temporaries per step, for the chunk size.
-_LSE_TEMPS = 2       # the tile (reused for z) and one of logsumexp's under autograd
-_SIGMOID_TEMPS = 5   # z, two log-sigmoids, their lse temporaries
-_PLAN_TEMPS = 2      # the tile and its exp (plan_cost, feature_grads)
+# Live (B, rows, length) temporaries per chunk without autograd, for the chunk size.
+# (With autograd, grad="unroll", the graph keeps every tile anyway.)
+_LSE_TEMPS = 1       # the tile, reused in place for z and exp(z - max)
+_SIGMOID_TEMPS = 4   # z, a log-sigmoid, logsumexp's two temporaries
+_PLAN_TEMPS = 2      # the tile and the plan tile (plan_cost, feature_grads)
 
 
 def _graph(*ts):
@@ -45,15 +46,18 @@ def _lse_last(z):
     return z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
 
 
+def _lse_chunk(t, s, e, h, eps, by_row):
+    # One function per chunk: the tile is freed on return, before the next one is built.
+    c = _tile(t, s, e, by_row)
+    # (h_k - C_rk) / eps, computed as (C - h) / (-eps): the same rounding
+    z = (h.unsqueeze(-2) - c) / eps if _graph(c, h) else c.sub_(h.unsqueeze(-2)).div_(-eps)
+    return eps * _lse_last(z)
+
+
 def _lse(cost, h, eps, by_row):
     t = cost._terms(h.dtype)
-    outs = []
-    for s, e in _chunks(cost, h.dtype, by_row, _LSE_TEMPS):
-        c = _tile(t, s, e, by_row)
-        # (h_k - C_rk) / eps, computed as (C - h) / (-eps): the same rounding
-        z = (h.unsqueeze(-2) - c) / eps if _graph(c, h) else c.sub_(h.unsqueeze(-2)).div_(-eps)
-        outs.append(eps * _lse_last(z))
-    return torch.cat(outs, dim=1)
+    return torch.cat([_lse_chunk(t, s, e, h, eps, by_row)
+                      for s, e in _chunks(cost, h.dtype, by_row, _LSE_TEMPS)], dim=1)
 
 
 def row_lse(cost, h, eps):
@@ -66,14 +70,17 @@ def col_lse(cost, h, eps):
     return _lse(cost, h, eps, by_row=False)
 
 
+def _sigmoid_chunk(t, s, e, p, h, eps, by_row):
+    z = (p[:, s:e].unsqueeze(-1) + h.unsqueeze(-2) - _tile(t, s, e, by_row)) / eps
+    return (eps * torch.logsumexp(F.logsigmoid(z), dim=-1),
+            eps * torch.logsumexp(F.logsigmoid(-z), dim=-1))
+
+
 def _sigmoid_lse(cost, p, h, eps, by_row):
     t = cost._terms(p.dtype)
-    out1, out2 = [], []
-    for s, e in _chunks(cost, p.dtype, by_row, _SIGMOID_TEMPS):
-        z = (p[:, s:e].unsqueeze(-1) + h.unsqueeze(-2) - _tile(t, s, e, by_row)) / eps
-        out1.append(eps * torch.logsumexp(F.logsigmoid(z), dim=-1))
-        out2.append(eps * torch.logsumexp(F.logsigmoid(-z), dim=-1))
-    return torch.cat(out1, dim=1), torch.cat(out2, dim=1)
+    pairs = [_sigmoid_chunk(t, s, e, p, h, eps, by_row)
+             for s, e in _chunks(cost, p.dtype, by_row, _SIGMOID_TEMPS)]
+    return torch.cat([a for a, _ in pairs], dim=1), torch.cat([b for _, b in pairs], dim=1)
 
 
 def row_sigmoid_lse(cost, u, v, eps):
@@ -105,20 +112,30 @@ def plan(cost, f, g, eps, scale=None):
     return p if scale is None else p * scale.to(p.dtype)[:, None, None]
 
 
-def _plan_tiles(cost, f, g, eps):
-    """``(start, stop, C tile, P tile)`` over row chunks; the plan tile is never kept."""
-    t = cost._terms(f.dtype)
-    for s, e in _chunks(cost, f.dtype, True, _PLAN_TEMPS):
-        c = _tile(t, s, e, True)
-        yield s, e, c, torch.exp((f[:, s:e].unsqueeze(-1) + g.unsqueeze(-2) - c) / eps)
+def _plan_tile(t, s, e, f, g, eps):
+    """Cost rows ``s:e`` and their plan ``exp((f_i + g_j - C_ij)/eps)``, (B, e - s, M) each."""
+    c = _tile(t, s, e, True)
+    return c, torch.exp((f[:, s:e].unsqueeze(-1) + g.unsqueeze(-2) - c) / eps)
+
+
+def _plan_cost_chunk(t, s, e, f, g, eps):
+    c, p = _plan_tile(t, s, e, f, g, eps)
+    B = c.shape[0]
+    return torch.bmm(p.reshape(B, 1, -1), c.reshape(B, -1, 1)).reshape(B)   # <P, C> without a P * C tile
 
 
 def plan_cost(cost, f, g, eps):
     """``<P, C>`` with ``P = exp(log_plan(cost, f, g, eps))``, streamed: -> (B,)."""
-    total = 0
-    for _, _, c, p in _plan_tiles(cost, f, g, eps):
-        total = total + (p * c).sum(dim=(-2, -1))
-    return total
+    t = cost._terms(f.dtype)
+    return sum(_plan_cost_chunk(t, s, e, f, g, eps) for s, e in _chunks(cost, f.dtype, True, _PLAN_TEMPS))
+
+
+def _grad_chunk(t, s, e, f, g, eps, cols, py):
+    """Row sums and ``P ys`` of rows ``s:e``; adds their column sums and ``P^T xs`` to ``cols``, ``py``."""
+    _, p = _plan_tile(t, s, e, f, g, eps)
+    cols += p.sum(-2)
+    py += torch.bmm(p.transpose(1, 2), t.xs[:, s:e])
+    return p.sum(-1), torch.bmm(p, t.ys)
 
 
 def feature_grads(cost, f, g, eps, scale=None):
@@ -131,15 +148,11 @@ def feature_grads(cost, f, g, eps, scale=None):
     """
     t = cost._terms(f.dtype)
     B, N, M = cost.shape
-    rows, px = [], []
     cols = f.new_zeros((B, M))
     py = f.new_zeros((B, M, t.x.shape[-1]))
-    for s, e, _, p in _plan_tiles(cost, f, g, eps):
-        rows.append(p.sum(-1))
-        cols += p.sum(-2)
-        px.append(torch.bmm(p, t.ys))
-        py += torch.bmm(p.transpose(1, 2), t.xs[:, s:e])
-    gx, gy = _feature_grads(t, torch.cat(rows, 1), cols, torch.cat(px, 1), py)
+    parts = [_grad_chunk(t, s, e, f, g, eps, cols, py) for s, e in _chunks(cost, f.dtype, True, _PLAN_TEMPS)]
+    rows, px = torch.cat([r for r, _ in parts], 1), torch.cat([q for _, q in parts], 1)
+    gx, gy = _feature_grads(t, rows, cols, px, py)
     if scale is not None:
         scale = scale.to(f.dtype)[:, None, None]
         gx, gy = gx * scale, gy * scale
@@ -151,4 +164,4 @@ def max_cost(cost):
     dtype = V.compute_dtype(cost)
     t = cost._terms(dtype)
     return torch.stack([_tile(t, s, e, True).amax(dim=(-2, -1))
-                        for s, e in _chunks(cost, dtype, True, 1)]).amax(0)
+                        for s, e in _chunks(cost, dtype, True, _LSE_TEMPS)]).amax(0)
