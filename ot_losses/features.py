@@ -24,6 +24,7 @@ from numbers import Integral
 
 import torch
 from . import _validate as V
+from .solvers._loop import _FirstOrderOnly
 
 KINDS = ("sqeuclidean", "dot", "cosine")
 DEFAULT_WORKSPACE = 256 * 2 ** 20   # bytes of temporaries per streamed half-step
@@ -142,7 +143,7 @@ class FeatureCost:
         Differentiable w.r.t. ``x`` and ``y``. Raises ``ValueError`` on non-finite
         features (or zero rows for cosine).
         """
-        self._check_values()
+        self._check_finite()
         dtype = V.compute_dtype(self)
         t = self._terms(dtype)
         out = _tile(t, 0, None, by_row=True)
@@ -170,8 +171,8 @@ class FeatureCost:
     def new_zeros(self, size, dtype=None):
         return self.x.new_zeros(size, dtype=dtype)
 
-    def _check_values(self, name="cost"):
-        """Finite features (and no zero rows for cosine); a feature cost never forbids entries."""
+    def _check_finite(self, name="cost"):
+        """Finite features, and no zero rows for cosine."""
         for t, side in ((self.x, "x"), (self.y, "y")):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name}: features {side} must be finite; got "
@@ -182,7 +183,15 @@ class FeatureCost:
                     idx = zero.nonzero()[0].tolist()
                     raise ValueError(f"{name}: features {side} must have no zero rows for kind='cosine' "
                                      f"(cosine undefined); got zero row {idx[-1]}")
-        return False
+
+    def _check_values(self, name="cost"):
+        """``check_cost_values`` of a feature cost: ``(False, row_min)``; it forbids nothing.
+
+        ``row_min`` (B, N), the smallest entry of each row, is streamed.
+        """
+        self._check_finite(name)
+        from .solvers import _feature_steps
+        return False, _feature_steps.row_min(self._as_batched())
 
     def steps(self, backend):
         """The half-step namespace reducing over this cost on a resolved backend ("torch"/"triton")."""
@@ -204,13 +213,18 @@ class FeatureCost:
         return self._cache[key]
 
     def max_cost(self):
-        """``(B,)`` largest entry of each problem's cost, streamed."""
+        """``(B,)`` largest entry of each problem's cost, streamed (differentiable in x, y)."""
         from .solvers import _feature_steps
         return _feature_steps.max_cost(self)
 
-    def envelope_value(self, a, b, terms, steps, eps):
+    def shifted_col_min(self, r, dtype):
+        """``(B, M)``: ``min_i (C_ij - r_i)``, streamed (the solvers' column offsets)."""
+        from .solvers import _feature_steps
+        return _feature_steps.shifted_col_min(self, r.to(dtype))
+
+    def envelope_value(self, a, b, terms, steps, eps, shift):
         """``value`` whose gradient w.r.t. x, y (and a, b) follows the envelope theorem."""
-        return _FeatureEnvelope.apply(self._x3, self._y3, a, b, self, terms, steps, eps)
+        return _FeatureEnvelope.apply(self._x3, self._y3, a, b, self, terms, steps, eps, shift)
 
 
 def _make_terms(x3, y3, kind, scale, dtype):
@@ -235,10 +249,19 @@ class _Terms:
     ``offsets`` is False when alpha and beta are identically 0 (``dot``).
     """
 
-    def __init__(self, x, y, alpha, beta, sx, sy, offsets, kind, scale):
+    def __init__(self, x, y, alpha, beta, sx, sy, offsets, kind, scale, xs=None, ys=None):
         self.x, self.y, self.alpha, self.beta, self.sx, self.sy = x, y, alpha, beta, sx, sy
         self.offsets, self.kind, self.scale = offsets, kind, scale
-        self.xs, self.ys = sx.unsqueeze(-1) * x, sy.unsqueeze(-1) * y
+        self.xs = sx.unsqueeze(-1) * x if xs is None else xs
+        self.ys = sy.unsqueeze(-1) * y if ys is None else ys
+
+    def shifted(self, shift):
+        """The terms of ``C_ij - r_i - s_j`` for the solvers' offsets ``shift = (r, s)`` (or None)."""
+        if shift is None:
+            return self
+        r, s = (o.to(self.alpha.dtype).expand_as(v) for o, v in zip(shift, (self.alpha, self.beta)))
+        return _Terms(self.x, self.y, self.alpha - r, self.beta - s, self.sx, self.sy, True, self.kind,
+                      self.scale, self.xs, self.ys)
 
 
 def _tile(t, start, stop, by_row):
@@ -283,36 +306,40 @@ class _FeatureEnvelope(torch.autograd.Function):
     """``value`` of a solve on a :class:`FeatureCost`; backward streams the plan-weighted sums.
 
     ``terms(cost, a, b) -> (value, grad_a, grad_b, fp, gp)`` as for the dense
-    ``EnvelopeValue``; ``d value / d C = P`` with ``P = exp((fp_i + gp_j - C_ij)/eps)``,
-    pushed to ``x`` and ``y`` by ``steps.feature_grads`` without storing P.
+    ``EnvelopeValue``; ``d value / d C = P`` with
+    ``P = exp((fp_i + gp_j - C_ij + r_i + s_j)/eps)`` (``shift = (r, s)``),
+    pushed to ``x`` and ``y`` by ``steps.feature_grads`` without storing P. As
+    for dense costs, differentiating this gradient again raises.
     """
 
     @staticmethod
-    def forward(ctx, x3, y3, a, b, cost, terms, steps, eps):
+    def forward(ctx, x3, y3, a, b, cost, terms, steps, eps, shift):
         with torch.no_grad():
             value, da, db, fp, gp = terms(cost, a, b)
-        ctx.cost, ctx.steps, ctx.eps = cost.detach(), steps, eps
+        ctx.cost, ctx.steps, ctx.eps, ctx.shift = cost.detach(), steps, eps, shift
         ctx.has_da, ctx.has_db = da is not None, db is not None
-        ctx.save_for_backward(fp, gp, *(t for t in (da, db) if t is not None))
+        ctx.save_for_backward(x3, y3, a, b, fp, gp, *(t for t in (da, db) if t is not None))
         return value
 
     @staticmethod
     def backward(ctx, grad_value):
-        if torch.is_grad_enabled():  # create_graph=True: P's own dependence on x, y is not in this gradient
-            raise RuntimeError("the envelope gradient of value w.r.t. FeatureCost features cannot be "
-                               "differentiated again (create_graph=True); use grad='unroll'")
-        fp, gp, *rest = ctx.saved_tensors
+        x3, y3, a, b, fp, gp, *rest = ctx.saved_tensors
         da = rest.pop(0) if ctx.has_da else None
         db = rest.pop(0) if ctx.has_db else None
-        gx = gy = ga = gb = None
+        grads = [None] * 4
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            gx, gy = ctx.steps.feature_grads(ctx.cost, fp, gp, ctx.eps, scale=grad_value)
-            gx, gy = gx.to(ctx.cost.dtype), gy.to(ctx.cost.dtype)
+            with torch.no_grad():
+                gx, gy = ctx.steps.feature_grads(ctx.cost, fp, gp, ctx.eps, scale=grad_value.detach(),
+                                                 shift=ctx.shift)
+            grads[0], grads[1] = gx.to(x3.dtype), gy.to(y3.dtype)
         if ctx.needs_input_grad[2] and da is not None:
-            ga = grad_value.unsqueeze(-1) * da
+            grads[2] = grad_value.unsqueeze(-1) * da
         if ctx.needs_input_grad[3] and db is not None:
-            gb = grad_value.unsqueeze(-1) * db
-        return gx, gy, ga, gb, None, None, None, None
+            grads[3] = grad_value.unsqueeze(-1) * db
+        if torch.is_grad_enabled():  # create_graph=True
+            inputs = [t for t in (x3, y3, a, b) if t.requires_grad]
+            grads = [None if g is None else _FirstOrderOnly.apply(g, *inputs) for g in grads]
+        return (*grads, None, None, None, None, None)
 
 
 def workspace_rows(workspace, batch, length, itemsize, temps):

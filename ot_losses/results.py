@@ -29,15 +29,16 @@ class _PlanResult:
     _steps: Any = field(compare=False)
     _differentiable: bool = field(compare=False)
     _value_fn: Optional[Callable] = field(default=None, compare=False)
+    _shift: Any = field(default=None, compare=False)  # (r, s) offsets the steps subtract from the cost
 
     def _out(self, x):
         return x if self._batched else x.squeeze(0)
 
     def _compute(self, fn):
         if self._differentiable:
-            return fn(self._cost, self._fp, self._gp, self._eps)
+            return fn(self._cost, self._fp, self._gp, self._eps, shift=self._shift)
         with torch.no_grad():
-            return fn(self._cost.detach(), self._fp.detach(), self._gp.detach(), self._eps)
+            return fn(self._cost.detach(), self._fp.detach(), self._gp.detach(), self._eps, shift=self._shift)
 
     @cached_property
     def log_plan(self):

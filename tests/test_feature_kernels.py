@@ -19,12 +19,12 @@ F64, F32 = torch.float64, torch.float32
 INF = float("inf")
 KINDS = ["sqeuclidean", "dot", "cosine"]
 
-STEPS = {
-    "row_lse": lambda m, c, f, g, eps: m.row_lse(c, g, eps),
-    "col_lse": lambda m, c, f, g, eps: m.col_lse(c, f, eps),
-    "row_sigmoid_lse": lambda m, c, f, g, eps: m.row_sigmoid_lse(c, f, g, eps),
-    "col_sigmoid_lse": lambda m, c, f, g, eps: m.col_sigmoid_lse(c, f, g, eps),
-    "plan_cost": lambda m, c, f, g, eps: m.plan_cost(c, 0.1 * f, 0.1 * g, eps),
+STEPS = {   # call(module, cost, f, g, eps, shift)
+    "row_lse": lambda m, c, f, g, eps, sh: m.row_lse(c, g, eps, shift=sh),
+    "col_lse": lambda m, c, f, g, eps, sh: m.col_lse(c, f, eps, shift=sh),
+    "row_sigmoid_lse": lambda m, c, f, g, eps, sh: m.row_sigmoid_lse(c, f, g, eps, shift=sh),
+    "col_sigmoid_lse": lambda m, c, f, g, eps, sh: m.col_sigmoid_lse(c, f, g, eps, shift=sh),
+    "plan_cost": lambda m, c, f, g, eps, sh: m.plan_cost(c, 0.1 * f, 0.1 * g, eps, shift=sh),
 }
 
 # (B, N, M, D, feature dtype, layout, rtol)
@@ -71,8 +71,11 @@ def test_steps_match_torch_twins(kind, B, N, M, D, dtype, layout, rtol):
     cost = FeatureCost(x, y, kind=kind, scale=0.6)
     compute = F64 if dtype == F64 else F32
     f, g = _potentials(B, N, M, compute)
+    # the solvers' offsets (row minima, then column minima of the rest); none for dot (both paths run)
+    r = S.row_min(cost)
+    shift = None if kind == "dot" else (r, S.shifted_col_min(cost, r))
     for name, call in STEPS.items():
-        out, ref = call(K, cost, f, g, 0.3), call(S, cost, f, g, 0.3)
+        out, ref = call(K, cost, f, g, 0.3, shift), call(S, cost, f, g, 0.3, shift)
         for o, r in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
             assert o.dtype == r.dtype == compute and o.shape == r.shape, name
             tol = rtol
@@ -84,7 +87,7 @@ def test_steps_match_torch_twins(kind, B, N, M, D, dtype, layout, rtol):
 def test_all_zero_mass_gives_minus_inf_not_nan():
     x, y = _features(1, 5, 17, 3, F32, "contig")
     cost = FeatureCost(x, y)
-    out = K.row_lse(cost, torch.full((1, 17), -INF), 0.1)
+    out = K.row_lse(cost, torch.full((1, 17), -INF), 0.1, shift=(torch.ones(1, 5), torch.ones(1, 17)))
     assert torch.equal(out, torch.full((1, 5), -INF))
 
 
@@ -101,6 +104,9 @@ def test_launcher_errors():
         K.col_lse(cost, torch.zeros(2, 5, dtype=F64), 0.1)
     with pytest.raises(ValueError, match="device"):
         K.row_sigmoid_lse(cost, torch.zeros(2, 5, device="meta"), torch.zeros(2, 7), 0.1)
+    with pytest.raises(ValueError, match=r"shift\[1\] must have shape \(2, 7\)"):
+        K.plan_cost(cost, torch.zeros(2, 5), torch.zeros(2, 7), 0.1,
+                    shift=(torch.zeros(2, 5), torch.zeros(2, 5)))
 
 
 def test_solvers_on_triton_match_dense_torch():
@@ -145,6 +151,6 @@ def test_steps_match_torch_twins_cuda(kind, B, N, M, D, dtype, rtol):
     compute = F64 if dtype == F64 else F32
     f, g = (t.cuda() for t in _potentials(B, N, M, compute))
     for name in ("row_lse", "col_lse", "row_sigmoid_lse", "col_sigmoid_lse"):
-        out, ref = STEPS[name](K, cost, f, g, 0.1), STEPS[name](S, cost, f, g, 0.1)
+        out, ref = STEPS[name](K, cost, f, g, 0.1, None), STEPS[name](S, cost, f, g, 0.1, None)
         for o, r in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
             assert _rel(o, r) <= rtol, f"{name}: {_rel(o, r):.3e}"

@@ -36,7 +36,8 @@ import triton.language as tl
 
 from ..solvers._feature_steps import feature_grads, log_plan, max_cost, plan  # noqa: F401  (re-exported)
 from . import _device_of, _interpreting
-from .lse_steps import _logsigmoid_pair, _online_lse
+from ._jit import _no_mass
+from .lse_steps import _finish_lse, _logsigmoid_pair, _online_lse
 
 __all__ = ["balanced_small_supported", "col_lse", "col_sigmoid_lse", "feature_grads", "log_plan",
            "max_cost", "plan", "plan_cost", "row_lse", "row_sigmoid_lse"]
@@ -53,11 +54,13 @@ def _feature_lse_kernel(
     off_r_ptr, off_k_ptr,         # additive cost terms, contiguous (B, R) and (B, K)
     s_r_ptr, s_k_ptr,             # factors of the dot product, contiguous (B, R) and (B, K)
     h_ptr, u_ptr, out_ptr, out2_ptr,  # h (B, K) potential of the reduced axis, u (B, R); out (B, R)
+    shift_k_ptr,                  # PLAN_COST: (B, K) offset taken out of off_k, added back to C
     R, K, D, n_rblocks,
     stride_pb, stride_pr, stride_pd,
     stride_qb, stride_qk, stride_qd,
     eps: tl.float64,
-    MODE: tl.constexpr,           # LSE: (h_k - C)/eps; SIGMOID: z = (u_r + h_k - C)/eps; PLAN_COST
+    MODE: tl.constexpr,           # LSE: (h_k - C)/eps; SIGMOID: z = (u_r + h_k - C)/eps; PLAN_COST:
+                                  # sum_k P (C + shift_k) and sum_k P, P = exp((u_r + h_k - C)/eps)
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 features only)
     UPCAST: tl.constexpr,         # fp16/bf16 features under the interpreter (no low-precision numpy dot)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -101,22 +104,25 @@ def _feature_lse_kernel(
         h = tl.load(h_ptr + b * K + cols64, mask=col_mask, other=0.0)
         c = off_r[:, None] + off_k[None, :] - (s_r[:, None] * s_k[None, :]) * acc
         mask = row_mask[:, None] & col_mask[None, :]
-        if MODE == LSE:
+        if MODE == LSE:   # C is finite: no inf - inf here
             m1, s1 = _online_lse(m1, s1, tl.where(mask, (h[None, :] - c) * inv_eps, float("-inf")))
         elif MODE == SIGMOID:
-            t1, t2 = _logsigmoid_pair((u[:, None] + h[None, :] - c) * inv_eps)
+            t1, t2 = _logsigmoid_pair(_no_mass((u[:, None] + h[None, :] - c) * inv_eps))
             m1, s1 = _online_lse(m1, s1, tl.where(mask, t1, float("-inf")))
             m2, s2 = _online_lse(m2, s2, tl.where(mask, t2, float("-inf")))
         else:
-            pc = tl.exp((u[:, None] + h[None, :] - c) * inv_eps) * c
-            s1 += tl.sum(tl.where(mask, pc, 0.0), axis=1)
+            p = tl.where(mask, tl.exp(_no_mass((u[:, None] + h[None, :] - c) * inv_eps)), 0.0)
+            sk = tl.load(shift_k_ptr + b * K + cols64, mask=col_mask, other=0.0)
+            s1 += tl.sum(p * (c + sk[None, :]), axis=1)
+            s2 += tl.sum(p, axis=1)
     out_offs = b * R + rows64
     if MODE == PLAN_COST:
         tl.store(out_ptr + out_offs, s1, mask=row_mask)
+        tl.store(out2_ptr + out_offs, s2, mask=row_mask)
     else:
-        tl.store(out_ptr + out_offs, eps_c * (m1 + tl.log(s1)), mask=row_mask)
+        tl.store(out_ptr + out_offs, eps_c * _finish_lse(m1, s1), mask=row_mask)
         if MODE == SIGMOID:
-            tl.store(out2_ptr + out_offs, eps_c * (m2 + tl.log(s2)), mask=row_mask)
+            tl.store(out2_ptr + out_offs, eps_c * _finish_lse(m2, s2), mask=row_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -130,11 +136,14 @@ def _block(n, cap):
     return max(16, min(cap, triton.next_power_of_2(n)))
 
 
-def _check(cost, rows=(), cols=()):
+def _check(cost, rows=(), cols=(), shift=None):
     """Launch check: a batched FeatureCost; ``rows`` (B, N) and ``cols`` (B, M) ``(name, tensor)`` pairs.
 
-    Every potential must have the cost's compute dtype (fp32, or fp64 for fp64 features).
+    Every potential (and the ``shift`` offsets) must have the cost's compute dtype
+    (fp32, or fp64 for fp64 features).
     """
+    if shift is not None:
+        rows, cols = list(rows) + [("shift[0]", shift[0])], list(cols) + [("shift[1]", shift[1])]
     if not hasattr(cost, "_terms") or not cost.batched:
         raise ValueError(f"cost must be a batched FeatureCost (B, N, M); got {type(cost).__name__}")
     device = cost.device
@@ -154,9 +163,9 @@ def _check(cost, rows=(), cols=()):
                              f"got {t.dtype}")
 
 
-def _launch(cost, h, u, eps, by_row, mode):
+def _launch(cost, h, u, eps, by_row, mode, shift):
     """Reduce over M (``by_row``) or over N; ``h`` indexes the reduced axis, ``u`` the output axis."""
-    t = cost._terms(h.dtype)
+    t = cost._terms(h.dtype).shifted(shift)
     x, y = cost._x3, cost._y3   # raw features, read in their own dtype by tl.dot
     if by_row:
         p, q, off_r, off_k, s_r, s_k = x, y, t.alpha, t.beta, t.sx, t.sy
@@ -164,15 +173,18 @@ def _launch(cost, h, u, eps, by_row, mode):
         p, q, off_r, off_k, s_r, s_k = y, x, t.beta, t.alpha, t.sy, t.sx
     B, R, D = p.shape
     K = q.shape[1]
-    vecs = [v.contiguous() for v in (off_r, off_k, s_r, s_k, h, u if u is not None else h)]
+    shift_k = h   # unread unless PLAN_COST
+    if mode == PLAN_COST:
+        shift_k = (shift[1] if shift is not None else h.new_zeros(())).expand(B, K)
+    vecs = [v.contiguous() for v in (off_r, off_k, s_r, s_k, h, u if u is not None else h, shift_k)]
     out = torch.empty((B, R), dtype=h.dtype, device=h.device)
-    out2 = torch.empty_like(out) if mode == SIGMOID else out
+    out2 = torch.empty_like(out) if mode != LSE else out
     BLOCK_R, BLOCK_K, BLOCK_D = _block(R, MAX_BLOCK), _block(K, MAX_BLOCK), _block(D, MAX_BLOCK_D)
     n_rblocks = triton.cdiv(R, BLOCK_R)
     with _device_of(h):
         _feature_lse_kernel[(B * n_rblocks,)](
             p_ptr=p, q_ptr=q, off_r_ptr=vecs[0], off_k_ptr=vecs[1], s_r_ptr=vecs[2], s_k_ptr=vecs[3],
-            h_ptr=vecs[4], u_ptr=vecs[5], out_ptr=out, out2_ptr=out2,
+            h_ptr=vecs[4], u_ptr=vecs[5], out_ptr=out, out2_ptr=out2, shift_k_ptr=vecs[6],
             R=R, K=K, D=D, n_rblocks=n_rblocks,
             stride_pb=p.stride(0), stride_pr=p.stride(1), stride_pd=p.stride(2),
             stride_qb=q.stride(0), stride_qk=q.stride(1), stride_qd=q.stride(2),
@@ -180,40 +192,47 @@ def _launch(cost, h, u, eps, by_row, mode):
             UPCAST=_interpreting() and p.dtype in (torch.float16, torch.bfloat16),
             BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, num_warps=4,
         )
-    return (out, out2) if mode == SIGMOID else out
+    return out if mode == LSE else (out, out2)
 
 
-def row_lse(cost, h, eps):
+def row_lse(cost, h, eps, shift=None):
     """``eps * lse_j((h_j - C_ij) / eps)``: cost (B, N, M) features, h (B, M) -> (B, N)."""
-    _check(cost, cols=[("h", h)])
-    return _launch(cost, h, None, eps, True, LSE)
+    _check(cost, cols=[("h", h)], shift=shift)
+    return _launch(cost, h, None, eps, True, LSE, shift)
 
 
-def col_lse(cost, h, eps):
+def col_lse(cost, h, eps, shift=None):
     """``eps * lse_i((h_i - C_ij) / eps)``: cost (B, N, M) features, h (B, N) -> (B, M)."""
-    _check(cost, rows=[("h", h)])
-    return _launch(cost, h, None, eps, False, LSE)
+    _check(cost, rows=[("h", h)], shift=shift)
+    return _launch(cost, h, None, eps, False, LSE, shift)
 
 
-def row_sigmoid_lse(cost, u, v, eps):
+def row_sigmoid_lse(cost, u, v, eps, shift=None):
     """``(eps lse_j log sigmoid(z_ij), eps lse_j log sigmoid(-z_ij))``, each (B, N).
 
     ``z_ij = (u_i + v_j - C_ij) / eps``; cost (B, N, M) features, u (B, N), v (B, M).
     """
-    _check(cost, rows=[("u", u)], cols=[("v", v)])
-    return _launch(cost, v, u, eps, True, SIGMOID)
+    _check(cost, rows=[("u", u)], cols=[("v", v)], shift=shift)
+    return _launch(cost, v, u, eps, True, SIGMOID, shift)
 
 
-def col_sigmoid_lse(cost, u, v, eps):
+def col_sigmoid_lse(cost, u, v, eps, shift=None):
     """Column twin of :func:`row_sigmoid_lse`: returns two (B, M) tensors."""
-    _check(cost, rows=[("u", u)], cols=[("v", v)])
-    return _launch(cost, u, v, eps, False, SIGMOID)
+    _check(cost, rows=[("u", u)], cols=[("v", v)], shift=shift)
+    return _launch(cost, u, v, eps, False, SIGMOID, shift)
 
 
-def plan_cost(cost, f, g, eps):
-    """``<P, C>`` with ``P = exp(log_plan(cost, f, g, eps))``: -> (B,), one fused pass."""
-    _check(cost, rows=[("f", f)], cols=[("g", g)])
-    return _launch(cost, g, f, eps, True, PLAN_COST).sum(-1)
+def plan_cost(cost, f, g, eps, shift=None):
+    """``<P, C>`` (the unshifted cost) with ``P = exp(log_plan(cost, f, g, eps, shift))``: -> (B,).
+
+    One fused pass: per row, ``sum_j P_ij (C~_ij + s_j)`` and ``sum_j P_ij``; then
+    ``<P, C> = sum_i (first + r_i second)``.
+    """
+    _check(cost, rows=[("f", f)], cols=[("g", g)], shift=shift)
+    pc, rows = _launch(cost, g, f, eps, True, PLAN_COST, shift)
+    if shift is None:
+        return pc.sum(-1)
+    return (pc + rows * shift[0]).sum(-1)
 
 
 def balanced_small_supported(n, m, dtype=torch.float32):

@@ -9,19 +9,26 @@ axis), computed by one ``bmm`` and sized so that the step's temporaries fit
 in ``cost.workspace`` bytes. Without autograd the tile is reused in place;
 with it (``grad="unroll"``) the same formulas run out of place.
 
+``shift = (r, s)`` (the solvers' offsets, see ``_torch_steps``) is folded
+into the rank-one terms of the tile, ``alpha_i - r_i`` and ``beta_j - s_j``,
+so a shifted tile costs nothing extra.
+
 Extra steps of this namespace: ``feature_grads`` (the envelope gradient's
-plan-weighted sums) and ``max_cost``.
+plan-weighted sums) and the streamed reductions the solvers' set-up needs,
+``row_min``, ``shifted_col_min`` and ``max_cost`` (differentiable: the
+extreme entries are found without a graph, then recomputed from x and y).
 """
 import torch
 import torch.nn.functional as F
 
 from .. import _validate as V
 from ..features import _feature_grads, _tile, workspace_rows
+from ._numerics import lse, no_mass
 
 # Live (B, rows, length) temporaries per chunk without autograd, for the chunk size.
 # (With autograd, grad="unroll", the graph keeps every tile anyway.)
 _LSE_TEMPS = 1       # the tile, reused in place for z and exp(z - max)
-_SIGMOID_TEMPS = 4   # z, a log-sigmoid, logsumexp's two temporaries
+_SIGMOID_TEMPS = 4   # z, a log-sigmoid, the log-sum-exp's two temporaries
 _PLAN_TEMPS = 2      # the tile and the plan tile (plan_cost, feature_grads)
 
 
@@ -38,96 +45,99 @@ def _chunks(cost, dtype, by_row, temps):
 
 
 def _lse_last(z):
-    """``logsumexp`` over the last axis; without autograd, in place on the temporary ``z``."""
+    """Log-sum-exp over the last axis; without autograd, in place on the temporary ``z``."""
     if _graph(z):
-        return torch.logsumexp(z, dim=-1)
+        return lse(z, -1)
     m = z.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf: exp(-inf) = 0, log 0 = -inf
+    m = m.masked_fill(~torch.isfinite(m), 0.0)   # all -inf gives log 0 = -inf; a +inf term gives +inf
     return z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
 
 
 def _lse_chunk(t, s, e, h, eps, by_row):
     # One function per chunk: the tile is freed on return, before the next one is built.
     c = _tile(t, s, e, by_row)
-    # (h_k - C_rk) / eps, computed as (C - h) / (-eps): the same rounding
+    # (h_k - C_rk) / eps, computed as (C - h) / (-eps): the same rounding. C is finite, so no NaN.
     z = (h.unsqueeze(-2) - c) / eps if _graph(c, h) else c.sub_(h.unsqueeze(-2)).div_(-eps)
     return eps * _lse_last(z)
 
 
-def _lse(cost, h, eps, by_row):
-    t = cost._terms(h.dtype)
+def _lse(cost, h, eps, by_row, shift):
+    t = cost._terms(h.dtype).shifted(shift)
     return torch.cat([_lse_chunk(t, s, e, h, eps, by_row)
                       for s, e in _chunks(cost, h.dtype, by_row, _LSE_TEMPS)], dim=1)
 
 
-def row_lse(cost, h, eps):
+def row_lse(cost, h, eps, shift=None):
     """``eps * lse_j((h_j - C_ij) / eps)``: cost (B, N, M) features, h (B, M) -> (B, N)."""
-    return _lse(cost, h, eps, by_row=True)
+    return _lse(cost, h, eps, True, shift)
 
 
-def col_lse(cost, h, eps):
+def col_lse(cost, h, eps, shift=None):
     """``eps * lse_i((h_i - C_ij) / eps)``: cost (B, N, M) features, h (B, N) -> (B, M)."""
-    return _lse(cost, h, eps, by_row=False)
+    return _lse(cost, h, eps, False, shift)
 
 
 def _sigmoid_chunk(t, s, e, p, h, eps, by_row):
-    z = (p[:, s:e].unsqueeze(-1) + h.unsqueeze(-2) - _tile(t, s, e, by_row)) / eps
-    return (eps * torch.logsumexp(F.logsigmoid(z), dim=-1),
-            eps * torch.logsumexp(F.logsigmoid(-z), dim=-1))
+    z = no_mass((p[:, s:e].unsqueeze(-1) + h.unsqueeze(-2) - _tile(t, s, e, by_row)) / eps)
+    return eps * lse(F.logsigmoid(z), -1), eps * lse(F.logsigmoid(-z), -1)
 
 
-def _sigmoid_lse(cost, p, h, eps, by_row):
-    t = cost._terms(p.dtype)
+def _sigmoid_lse(cost, p, h, eps, by_row, shift):
+    t = cost._terms(p.dtype).shifted(shift)
     pairs = [_sigmoid_chunk(t, s, e, p, h, eps, by_row)
              for s, e in _chunks(cost, p.dtype, by_row, _SIGMOID_TEMPS)]
     return torch.cat([a for a, _ in pairs], dim=1), torch.cat([b for _, b in pairs], dim=1)
 
 
-def row_sigmoid_lse(cost, u, v, eps):
+def row_sigmoid_lse(cost, u, v, eps, shift=None):
     """``(eps lse_j log sigmoid(z_ij), eps lse_j log sigmoid(-z_ij))``, each (B, N).
 
     ``z_ij = (u_i + v_j - C_ij) / eps``; cost (B, N, M) features, u (B, N), v (B, M).
     """
-    return _sigmoid_lse(cost, u, v, eps, by_row=True)
+    return _sigmoid_lse(cost, u, v, eps, True, shift)
 
 
-def col_sigmoid_lse(cost, u, v, eps):
+def col_sigmoid_lse(cost, u, v, eps, shift=None):
     """Column twin of :func:`row_sigmoid_lse`: returns two (B, M) tensors."""
-    return _sigmoid_lse(cost, v, u, eps, by_row=False)
+    return _sigmoid_lse(cost, v, u, eps, False, shift)
 
 
-def log_plan(cost, f, g, eps):
+def log_plan(cost, f, g, eps, shift=None):
     """``(f_i + g_j - C_ij) / eps`` -> (B, N, M): materialises the plan's logarithm."""
-    t = cost._terms(f.dtype)
+    t = cost._terms(f.dtype).shifted(shift)
     B, N, M = cost.shape
     out = torch.empty((B, N, M), dtype=f.dtype, device=f.device)
     for s, e in _chunks(cost, f.dtype, True, 1):
-        out[:, s:e] = (f[:, s:e].unsqueeze(-1) + g.unsqueeze(-2) - _tile(t, s, e, True)) / eps
+        out[:, s:e] = no_mass((f[:, s:e].unsqueeze(-1) + g.unsqueeze(-2) - _tile(t, s, e, True)) / eps)
     return out
 
 
-def plan(cost, f, g, eps, scale=None):
-    """``exp(log_plan(cost, f, g, eps))``, times ``scale`` (B,) per problem if given: (B, N, M)."""
-    p = torch.exp(log_plan(cost, f, g, eps))
+def plan(cost, f, g, eps, scale=None, shift=None):
+    """``exp(log_plan(cost, f, g, eps, shift))``, times ``scale`` (B,) per problem if given: (B, N, M)."""
+    p = torch.exp(log_plan(cost, f, g, eps, shift))
     return p if scale is None else p * scale.to(p.dtype)[:, None, None]
 
 
 def _plan_tile(t, s, e, f, g, eps):
-    """Cost rows ``s:e`` and their plan ``exp((f_i + g_j - C_ij)/eps)``, (B, e - s, M) each."""
+    """Shifted cost rows ``s:e`` and their plan ``exp((f_i + g_j - C_ij)/eps)``, (B, e - s, M) each."""
     c = _tile(t, s, e, True)
-    return c, torch.exp((f[:, s:e].unsqueeze(-1) + g.unsqueeze(-2) - c) / eps)
+    return c, torch.exp(no_mass((f[:, s:e].unsqueeze(-1) + g.unsqueeze(-2) - c) / eps))
 
 
-def _plan_cost_chunk(t, s, e, f, g, eps):
+def _plan_cost_chunk(t, s, e, f, g, eps, shift):
     c, p = _plan_tile(t, s, e, f, g, eps)
     B = c.shape[0]
-    return torch.bmm(p.reshape(B, 1, -1), c.reshape(B, -1, 1)).reshape(B)   # <P, C> without a P * C tile
+    out = torch.bmm(p.reshape(B, 1, -1), c.reshape(B, -1, 1)).reshape(B)   # <P, C~> without a P * C tile
+    if shift is not None:   # C = C~ + r_i + s_j
+        out = out + (p.sum(-1) * shift[0][:, s:e]).sum(-1) + (p.sum(-2) * shift[1]).sum(-1)
+    return out
 
 
-def plan_cost(cost, f, g, eps):
-    """``<P, C>`` with ``P = exp(log_plan(cost, f, g, eps))``, streamed: -> (B,)."""
-    t = cost._terms(f.dtype)
-    return sum(_plan_cost_chunk(t, s, e, f, g, eps) for s, e in _chunks(cost, f.dtype, True, _PLAN_TEMPS))
+def plan_cost(cost, f, g, eps, shift=None):
+    """``<P, C>`` (the unshifted cost) with ``P = exp(log_plan(cost, f, g, eps, shift))``, streamed: (B,)."""
+    t = cost._terms(f.dtype).shifted(shift)
+    return sum(_plan_cost_chunk(t, s, e, f, g, eps, shift)
+               for s, e in _chunks(cost, f.dtype, True, _PLAN_TEMPS))
 
 
 def _grad_chunk(t, s, e, f, g, eps, cols, py):
@@ -138,15 +148,15 @@ def _grad_chunk(t, s, e, f, g, eps, cols, py):
     return p.sum(-1), torch.bmm(p, t.ys)
 
 
-def feature_grads(cost, f, g, eps, scale=None):
+def feature_grads(cost, f, g, eps, scale=None, shift=None):
     """Gradients of ``<P, C>`` at fixed ``P = exp((f_i + g_j - C_ij)/eps)`` w.r.t. the features.
 
     Envelope theorem: this is ``d value / d (x, y)``. One streamed pass
     accumulates the row sums, column sums, ``P (sy y)`` and ``P^T (sx x)``;
     returns ``(B, N, D)`` and ``(B, M, D)`` in the dtype of ``f``, times
-    ``scale`` (B,) if given.
+    ``scale`` (B,) if given. ``shift`` only enters P (the offsets are constants).
     """
-    t = cost._terms(f.dtype)
+    t = cost._terms(f.dtype).shifted(shift)
     B, N, M = cost.shape
     cols = f.new_zeros((B, M))
     py = f.new_zeros((B, M, t.x.shape[-1]))
@@ -159,9 +169,67 @@ def feature_grads(cost, f, g, eps, scale=None):
     return gx, gy
 
 
-def max_cost(cost):
-    """``(B,)`` largest cost entry of each problem (the dummy method's ``max C``), streamed."""
-    dtype = V.compute_dtype(cost)
+# ----------------------------------------------------------------------------- set-up reductions
+def _extreme(cost, dtype, by_row, largest, offset=None):
+    """Streamed min (or max) of each row of C (``by_row``) or of each column of ``C - offset_i``.
+
+    Returns values and their indices along the reduced axis, (B, R) each, without a graph.
+    """
+    with torch.no_grad():
+        t = cost._terms(dtype)
+        vals, idx = [], []
+        for s, e in _chunks(cost, dtype, by_row, _LSE_TEMPS):
+            c = _tile(t, s, e, by_row)
+            if offset is not None:
+                c.sub_(offset.unsqueeze(-2))
+            v, i = c.max(-1) if largest else c.min(-1)
+            vals.append(v)
+            idx.append(i)
+        return torch.cat(vals, 1), torch.cat(idx, 1)
+
+
+def _entries(cost, dtype, rows, cols):
+    """``C[b, rows[b, k], cols[b, k]]`` recomputed from the features (differentiable): (B, K)."""
     t = cost._terms(dtype)
-    return torch.stack([_tile(t, s, e, True).amax(dim=(-2, -1))
-                        for s, e in _chunks(cost, dtype, True, _LSE_TEMPS)]).amax(0)
+
+    def pick(v, i):
+        return torch.gather(v, 1, i)
+
+    def pick_rows(m, i):
+        return torch.gather(m, 1, i.unsqueeze(-1).expand(-1, -1, m.shape[-1]))
+
+    dot = (pick_rows(t.xs, rows) * pick_rows(t.ys, cols)).sum(-1)
+    return pick(t.alpha, rows) + pick(t.beta, cols) - dot
+
+
+def row_min(cost):
+    """``(B, N)`` smallest entry of each row, in the compute dtype; differentiable in x, y."""
+    dtype = V.compute_dtype(cost)
+    vals, idx = _extreme(cost, dtype, True, largest=False)
+    if not _graph(cost.x, cost.y):
+        return vals
+    B, N = vals.shape
+    rows = torch.arange(N, device=idx.device).expand(B, N)
+    return _entries(cost, dtype, rows, idx)
+
+
+def shifted_col_min(cost, r):
+    """``(B, M)``: ``s_j = min_i (C_ij - r_i)``; differentiable in x, y (and ``r``)."""
+    dtype = r.dtype
+    vals, idx = _extreme(cost, dtype, False, largest=False, offset=r)
+    if not _graph(cost.x, cost.y, r):
+        return vals
+    B, M = vals.shape
+    cols = torch.arange(M, device=idx.device).expand(B, M)
+    return _entries(cost, dtype, idx, cols) - torch.gather(r, 1, idx)
+
+
+def max_cost(cost):
+    """``(B,)`` largest entry of each problem's cost (the dummy method's ``max C``); differentiable."""
+    dtype = V.compute_dtype(cost)
+    vals, idx = _extreme(cost, dtype, True, largest=True)
+    best, row = vals.max(-1)
+    if not _graph(cost.x, cost.y):
+        return best
+    col = torch.gather(idx, 1, row.unsqueeze(-1))
+    return _entries(cost, dtype, row.unsqueeze(-1), col).squeeze(-1)
