@@ -12,6 +12,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .solvers._numerics import no_mass
+
 
 @dataclass(frozen=True, repr=False)
 class _PlanResult:
@@ -106,8 +108,12 @@ class PartialOTResult(_PlanResult):
 
     @cached_property
     def mass(self):
-        """``(…,)`` total mass of the returned plan."""
-        return self.plan.sum(dim=(-2, -1))
+        """``(…,)`` total mass of the returned plan, from one row pass (the plan is not built)."""
+
+        def total(cost, f, g, eps, shift=None):
+            lr = self._steps.row_lse(cost, g, eps, shift=shift)
+            return torch.exp(no_mass((f + lr) / eps)).sum(-1)
+        return self._out(self._compute(total))
 
 
 @dataclass(frozen=True, repr=False)
