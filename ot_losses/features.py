@@ -54,8 +54,10 @@ class FeatureCost:
     ``C`` from ``x`` and ``y`` inside each half-step (torch: row chunks of at most
     ``workspace`` bytes of temporaries; Triton: tiles from ``tl.dot`` fused with the
     online log-sum-exp), so memory is O((N + M) D) plus the workspace. The result's
-    ``plan`` / ``log_plan`` (and a multi-assignment's ``assignment``) are dense
-    ``(…, N, M)`` tensors, built only when accessed. With ``grad="envelope"`` the
+    ``plan`` / ``log_plan`` are dense ``(…, N, M)`` tensors built only when accessed
+    (``value``, ``transport_cost`` and a partial result's ``mass`` are streamed); a
+    multi-assignment result's ``assignment`` is dense too, built at the end of the
+    solve. With ``grad="envelope"`` the
     gradient of ``value`` reaches ``x`` and ``y`` through streamed plan-weighted
     sums (e.g. sqeuclidean: ``2 scale (r_i x_i - (P y)_i)``, ``r = P 1``); the plan
     is never stored.

@@ -16,3 +16,12 @@ def _shifted(c, r, s):
     back = t - c
     err = (c - (t - back)) - (r + back)
     return tl.where(c == float("inf"), c, (t - s) + err)
+
+
+@triton.jit
+def _row_block(R, n_rblocks, BLOCK_R: tl.constexpr):
+    """This program's problem ``b`` and its ``BLOCK_R`` output rows (int64 offsets, and their mask)."""
+    pid = tl.program_id(0)
+    b = (pid // n_rblocks).to(tl.int64)
+    rows = (pid % n_rblocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return b, rows.to(tl.int64), rows < R

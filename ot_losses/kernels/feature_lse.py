@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ..solvers._feature_steps import feature_grads, log_plan, max_cost, plan  # noqa: F401  (re-exported)
 from . import _device_of, _interpreting
-from ._jit import _no_mass
+from ._jit import _no_mass, _row_block
 from .lse_steps import _finish_lse, _logsigmoid_pair, _online_lse
 
 __all__ = ["balanced_small_supported", "col_lse", "col_sigmoid_lse", "feature_grads", "log_plan",
@@ -65,11 +65,7 @@ def _feature_lse_kernel(
     UPCAST: tl.constexpr,         # fp16/bf16 features under the interpreter (no low-precision numpy dot)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = (pid // n_rblocks).to(tl.int64)
-    rows = (pid % n_rblocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < R
-    rows64 = rows.to(tl.int64)
+    b, rows64, row_mask = _row_block(R, n_rblocks, BLOCK_R)
     dtype = h_ptr.dtype.element_ty
     eps_c = tl.full((), eps, dtype)
     inv_eps = 1.0 / eps_c
@@ -79,10 +75,9 @@ def _feature_lse_kernel(
         u = tl.load(u_ptr + b * R + rows64, mask=row_mask, other=0.0)
     p_rows = p_ptr + b * stride_pb + rows64[:, None] * stride_pr
     q_base = q_ptr + b * stride_qb
-    m1 = tl.full((BLOCK_R,), float("-inf"), dtype)
+    m1 = tl.full((BLOCK_R,), float("-inf"), dtype)   # running max and sum (PLAN_COST: sums only)
     s1 = tl.zeros((BLOCK_R,), dtype)
-    m2 = tl.full((BLOCK_R,), float("-inf"), dtype)
-    s2 = tl.zeros((BLOCK_R,), dtype)
+    m2, s2 = m1, s1
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
