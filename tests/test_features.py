@@ -327,7 +327,10 @@ def test_inputs_not_modified_and_result_lazy():
     res = sinkhorn(FeatureCost(x, y, kind="cosine"), a, eps=0.2, n_iters=10)
     assert "plan" not in res.__dict__          # materialised on access only
     _ = res.plan, res.value, res.transport_cost
-    partial_ot(FeatureCost(x, y), a, mass=0.5, method="dummy", n_iters=10).plan
+    part = partial_ot(FeatureCost(x, y), a, mass=0.5, method="dummy", n_iters=10)
+    _ = part.mass, part.value, part.transport_cost
+    assert "plan" not in part.__dict__         # mass is streamed too
+    assert torch.allclose(part.mass, part.plan.sum(dim=(-2, -1)), rtol=1e-12, atol=0)
     assert_unchanged(snap)
 
 
