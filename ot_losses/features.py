@@ -6,11 +6,9 @@ Every kind is written in one form,
 
 with O(N + M) vectors computed once per solve ("terms"):
 
-| kind          | alpha          | beta           | sx            | sy        |
-|---------------|----------------|----------------|---------------|-----------|
-| ``sqeuclidean`` | scale abs(x)^2 | scale abs(y)^2 | 2 scale       | 1         |
-| ``dot``         | 0              | 0              | scale         | 1         |
-| ``cosine``      | scale          | 0              | scale / abs(x) | 1 / abs(y) |
+- ``sqeuclidean``: ``alpha = scale |x_i|^2``, ``beta = scale |y_j|^2``, ``sx = 2 scale``, ``sy = 1``;
+- ``dot``: ``alpha = beta = 0``, ``sx = scale``, ``sy = 1``;
+- ``cosine``: ``alpha = scale``, ``beta = 0``, ``sx = scale / |x_i|``, ``sy = 1 / |y_j|``;
 
 so a tile of C is one matrix product plus rank-one terms. The solvers
 receive a ``FeatureCost`` where they would hold a dense ``(B, N, M)`` cost
@@ -23,6 +21,7 @@ pass (:class:`_FeatureEnvelope`).
 from numbers import Integral
 
 import torch
+
 from . import _validate as V
 from .solvers._loop import _FirstOrderOnly
 

@@ -353,6 +353,8 @@ GRAD_SOLVES = {
     "partial-bregman": lambda c: partial_ot(c, mass=0.6, eps=0.3, n_iters=2000, tol=1e-12).value,
     "partial-dummy": lambda c: partial_ot(c, mass=0.6, eps=0.3, n_iters=2000, tol=1e-12,
                                           method="dummy", dummy_cost=3.0).value,
+    "partial-dummy-max": lambda c: partial_ot(c, mass=0.6, eps=0.3, n_iters=2000, tol=1e-12,
+                                              method="dummy").value,   # xi = 100 max C: its gradient too
     "unroll": lambda c: sinkhorn(c, eps=0.3, n_iters=7, grad="unroll").value,
 }
 
