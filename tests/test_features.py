@@ -440,5 +440,5 @@ def test_solve_memory_is_bounded_by_the_workspace():
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     growth = stats["peak"] - stats["base"]
     dense = n * n * 4
-    assert growth < workspace + 24 * 2 ** 20, f"peak grew by {growth / 2 ** 20:.1f} MiB"
+    assert growth < workspace + 8 * 2 ** 20, f"peak grew by {growth / 2 ** 20:.1f} MiB"
     assert growth < dense / 4

@@ -28,8 +28,9 @@ from ._numerics import lse, no_mass
 # Live (B, rows, length) temporaries per chunk without autograd, for the chunk size.
 # (With autograd, grad="unroll", the graph keeps every tile anyway.)
 _LSE_TEMPS = 1       # the tile, reused in place for z and exp(z - max)
-_SIGMOID_TEMPS = 4   # z, a log-sigmoid, the log-sum-exp's two temporaries
+_SIGMOID_TEMPS = 6   # the tile, z and its partial sums, a log-sigmoid, the log-sum-exp's two temporaries
 _PLAN_TEMPS = 2      # the tile and the plan tile (plan_cost, feature_grads)
+_LOG_PLAN_TEMPS = 3  # f + g, minus the tile, over eps (the output itself is the dense result)
 
 
 def _graph(*ts):
@@ -107,7 +108,7 @@ def log_plan(cost, f, g, eps, shift=None):
     t = cost._terms(f.dtype).shifted(shift)
     B, N, M = cost.shape
     out = torch.empty((B, N, M), dtype=f.dtype, device=f.device)
-    for s, e in _chunks(cost, f.dtype, True, 1):
+    for s, e in _chunks(cost, f.dtype, True, _LOG_PLAN_TEMPS):
         out[:, s:e] = no_mass((f[:, s:e].unsqueeze(-1) + g.unsqueeze(-2) - _tile(t, s, e, True)) / eps)
     return out
 
@@ -121,7 +122,10 @@ def plan(cost, f, g, eps, scale=None, shift=None):
 def _plan_tile(t, s, e, f, g, eps):
     """Shifted cost rows ``s:e`` and their plan ``exp((f_i + g_j - C_ij)/eps)``, (B, e - s, M) each."""
     c = _tile(t, s, e, True)
-    return c, torch.exp(no_mass((f[:, s:e].unsqueeze(-1) + g.unsqueeze(-2) - c) / eps))
+    if _graph(c, f, g):
+        return c, torch.exp(no_mass((f[:, s:e].unsqueeze(-1) + g.unsqueeze(-2) - c) / eps))
+    z = torch.add(f[:, s:e].unsqueeze(-1), g.unsqueeze(-2)).sub_(c).div_(eps)   # two tiles alive, not four
+    return c, z.masked_fill_(torch.isnan(z), float("-inf")).exp_()
 
 
 def _plan_cost_chunk(t, s, e, f, g, eps, shift):
@@ -170,6 +174,13 @@ def feature_grads(cost, f, g, eps, scale=None, shift=None):
 
 
 # ----------------------------------------------------------------------------- set-up reductions
+def _extreme_chunk(t, s, e, by_row, largest, offset):
+    c = _tile(t, s, e, by_row)
+    if offset is not None:
+        c.sub_(offset.unsqueeze(-2))
+    return c.max(-1) if largest else c.min(-1)
+
+
 def _extreme(cost, dtype, by_row, largest, offset=None):
     """Streamed min (or max) of each row of C (``by_row``) or of each column of ``C - offset_i``.
 
@@ -177,15 +188,9 @@ def _extreme(cost, dtype, by_row, largest, offset=None):
     """
     with torch.no_grad():
         t = cost._terms(dtype)
-        vals, idx = [], []
-        for s, e in _chunks(cost, dtype, by_row, _LSE_TEMPS):
-            c = _tile(t, s, e, by_row)
-            if offset is not None:
-                c.sub_(offset.unsqueeze(-2))
-            v, i = c.max(-1) if largest else c.min(-1)
-            vals.append(v)
-            idx.append(i)
-        return torch.cat(vals, 1), torch.cat(idx, 1)
+        parts = [_extreme_chunk(t, s, e, by_row, largest, offset)
+                 for s, e in _chunks(cost, dtype, by_row, _LSE_TEMPS)]
+        return torch.cat([v for v, _ in parts], 1), torch.cat([i for _, i in parts], 1)
 
 
 def _entries(cost, dtype, rows, cols):
