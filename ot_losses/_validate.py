@@ -67,14 +67,17 @@ def check_same_device(x, name, cost, cost_name="cost"):
 
 
 def check_cost_values(cost3, name="cost"):
-    """No NaN and no ``-inf``; returns ``(forbidden, row_min)``.
+    """No NaN and no ``-inf``; returns ``(forbidden, stats)``.
 
-    ``forbidden``: whether ``+inf`` (forbidden) entries exist; ``row_min``
-    ``(B, N)``: the smallest entry of each row (``+inf`` for an all-forbidden
-    row), which the solvers subtract from the cost. One pass over the cost
-    and one host sync.
+    ``forbidden``: whether ``+inf`` (forbidden) entries exist. ``stats``:
+    ``(row_min, row_max, col_min, col_max)``, ``(B, N)`` and ``(B, M)``, the
+    extreme allowed entries of each line (``+inf`` / ``-inf`` for an
+    all-forbidden line), from which the solvers choose the offsets they
+    subtract from the cost. Two passes over the cost (three with forbidden
+    entries) and one host sync.
     """
     row_min, row_max = torch.aminmax(cost3, dim=-1)  # NaN propagates into both
+    col_min, col_max = torch.aminmax(cost3, dim=-2)
     nan, neg, pos = torch.stack([torch.isnan(row_min).any(), torch.isneginf(row_min).any(),
                                  torch.isposinf(row_max).any()]).tolist()
     if nan:
@@ -82,7 +85,10 @@ def check_cost_values(cost3, name="cost"):
     if neg:
         raise ValueError(f"{name} must not contain -inf (+inf marks forbidden entries); "
                          f"got {int(torch.isneginf(cost3).sum())} -inf entries")
-    return bool(pos), row_min
+    if pos:
+        allowed = cost3.masked_fill(torch.isposinf(cost3), float("-inf"))
+        row_max, col_max = allowed.amax(-1), allowed.amax(-2)
+    return bool(pos), (row_min, row_max, col_min, col_max)
 
 
 def check_marginal_values(w, name):
