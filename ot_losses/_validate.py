@@ -351,7 +351,7 @@ def check_exp_logits_finite(loss: torch.Tensor, preds: Sequence[torch.Tensor], t
     if bool(torch.isfinite(loss)):
         return
     u_max = max(float(p.detach().max()) for p in preds) / temperature
-    raise ValueError(f"the Multi-SK loss overflows {loss.dtype}: its logits exp(pred / temperature) reach "
-                     f"exp({u_max:.4g}) with temperature={temperature}, beyond the largest {loss.dtype} "
-                     f"(about exp({math.log(torch.finfo(loss.dtype).max):.4g})); use a larger temperature "
-                     f"or float64 inputs")
+    raise ValueError(f"the Multi-SK loss overflows {loss.dtype}: its value exceeds the largest {loss.dtype} "
+                     f"(about exp({math.log(torch.finfo(loss.dtype).max):.4g})) as the logits "
+                     f"exp(pred / temperature) reach exp({u_max:.4g}) with temperature={temperature}; use a "
+                     f"larger temperature or float64 inputs")

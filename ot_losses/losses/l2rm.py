@@ -340,7 +340,7 @@ class L2RMLoss(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (f"mass={self.mass}, eps={self.eps}, tau={self.tau}, forbid_diagonal={self.forbid_diagonal}, "
+        return (f"batch_size={self.cost_net.batch_size}, mass={self.mass}, eps={self.eps}, tau={self.tau}, forbid_diagonal={self.forbid_diagonal}, "
                 f"n_iters={self.n_iters}, tol={self.tol}, lr_cost={self.lr_cost}, backend={self.backend!r}, "
                 f"reduction={self.reduction!r}")
 

@@ -7,6 +7,7 @@ the BCE target of the scores in another space.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Literal, Optional, Sequence, Tuple, Union, overload
 
@@ -25,6 +26,7 @@ __all__ = ["MultiSKDetails", "MultiSKLoss", "multi_sk_loss", "multi_sk_targets"]
 
 _SCORE_SCALE = 0.75  # 1 - 0.25: the official bottom-layer weight folds into the cost (docs/methods.md 4.2)
 _SOFTPLUS_CUT = 30.0  # softplus(-exp(u)) == 0 in fp32 and fp64 for u >= 30: clamp there, no 0 * inf gradient
+_LOG_FLOOR = -1e4
 
 
 @dataclass(frozen=True)
@@ -92,15 +94,18 @@ def multi_sk_targets(target: Tensor, *, k: Optional[int] = None, eps: Scalar = 0
 
 
 def _bce_exp_logits(pred: Tensor, target: Tensor, temperature: float) -> Tensor:
-    """``mean BCEWithLogits(exp(pred / T), target)``, target in [0, 1], without overflow where it is finite.
+    """``mean BCEWithLogits(exp(pred / T), target)``, target in [0, 1], finite whenever the mean is.
 
-    With ``z = exp(u)``, ``u = pred / T``: ``softplus(z) - t z = (1 - t) z + softplus(-z)``,
-    evaluated as ``exp(u + log(1 - t)) + softplus(-exp(min(u, 30)))``: an entry whose
-    target is 1 contributes exactly ``softplus(-z)`` (no ``0 * inf``), and nothing
-    overflows unless the loss itself does.
+    With ``z = exp(u)``, ``u = pred / T``: ``softplus(z) - t z = (1 - t) z + softplus(-z)``.
+    The first term's mean is ``exp(lse(u + log(1 - t)) - log(#entries))``, so neither an
+    entry whose target is 1 (no ``0 * inf``) nor one large entry overflows unless the
+    mean itself does; the second uses ``min(u, 30)``, beyond which it is exactly 0.
     """
     u = pred / temperature
-    return (torch.exp(u + torch.log1p(-target)) + F.softplus(-torch.exp(u.clamp(max=_SOFTPLUS_CUT)))).mean()
+    # log(1 - t) = -inf for t = 1: floored so that an all-ones target keeps a finite gradient (exp(-1e4) = 0)
+    log_terms = (u + torch.log1p(-target)).clamp_min(_LOG_FLOOR).flatten()
+    linear = torch.exp(torch.logsumexp(log_terms, dim=0) - math.log(log_terms.numel()))
+    return linear + F.softplus(-torch.exp(u.clamp(max=_SOFTPLUS_CUT))).mean()
 
 
 @overload
@@ -129,9 +134,10 @@ def multi_sk_loss(pred: Tensor, target: Tensor, *, k: Optional[int] = None, eps:
 
     ``L = mean_{i,j} BCEWithLogits(exp(pred_ij / T), Y_ij)``,
     ``Y = minmax_rows(multi_assignment(-0.75 * target, k))`` (no gradient).
-    Evaluated in a stable form: finite whenever the loss is representable (an
-    entry with target 1 never gives ``0 * inf``); a loss that really exceeds the
-    dtype (``(1 - Y) exp(pred / T)`` beyond ~``exp(88)`` in fp32) raises.
+    Evaluated in a stable form, finite whenever the loss is representable (an
+    entry with target 1 never gives ``0 * inf``, one huge entry does not overflow
+    the mean); a loss that really exceeds the dtype (the mean of
+    ``(1 - Y) exp(pred / T)`` beyond ~``exp(88.7)`` in fp32) raises.
 
     Args:
         pred: (N, K) floating scores (with grad) of one space against its anchors.
