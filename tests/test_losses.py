@@ -1,4 +1,4 @@
-"""Tests of the losses (METHODS.md sections 1-5) against direct transcriptions of the papers' formulas."""
+"""Tests of the losses (docs/methods.md sections 1-5) against transcriptions of the papers' formulas."""
 import math
 
 import pytest
@@ -22,7 +22,7 @@ DEV = {"backend": "torch"}
 
 # ----------------------------------------------------------------------------- transcriptions
 def swav_sinkhorn_ref(out, eps, n_iters):
-    """SwAV ``distributed_sinkhorn`` (world size 1), exp domain, as in main_swav.py (METHODS 1)."""
+    """SwAV's ``distributed_sinkhorn`` (world size 1), exp domain, as in main_swav.py (docs/methods.md 1)."""
     q = torch.exp(out / eps).T  # (K, B)
     q = q / q.sum()
     n_protos, batch = q.shape
@@ -35,7 +35,7 @@ def swav_sinkhorn_ref(out, eps, n_iters):
 
 
 def swamp_ref(z_a, z_b, c, q_a, q_b, temperature):
-    """METHODS 2: 1/2 [ -1/N sum Q_b log p_a - 1/N sum Q_a log p_b ] (normalised inputs)."""
+    """docs/methods.md section 2: 1/2 [ -1/N sum Q_b log p_a - 1/N sum Q_a log p_b ] (normalised inputs)."""
     z_a, z_b, c = F.normalize(z_a, dim=1), F.normalize(z_b, dim=1), F.normalize(c, dim=1)
     p_a = torch.softmax(z_a @ c.T / temperature, dim=1)
     p_b = torch.softmax(z_b @ c.T / temperature, dim=1)
@@ -44,7 +44,7 @@ def swamp_ref(z_a, z_b, c, q_a, q_b, temperature):
 
 
 def sym_kl_ref(sim, plan, tau):
-    """METHODS 3.4 as in the official code: exp/(sum + 1e-10), clip 1e-10, KLDivLoss(batchmean)."""
+    """docs/methods.md 3.4 as in the official code: exp/(sum + 1e-10), clip 1e-10, KLDivLoss(batchmean)."""
     def softmax_raw(x):
         e = torch.exp(x / tau)
         return e / (e.sum(dim=1, keepdim=True) + 1e-10)
@@ -84,7 +84,7 @@ def test_swav_targets_match_exp_domain_loop(n, k, n_iters):
 
 
 def test_swav_targets_order_matters():
-    """Running the sample side first gives another matrix at 3 iterations (METHODS 1)."""
+    """Running the sample side first gives another matrix at 3 iterations (docs/methods.md section 1)."""
     scores = cosines(64, 30)
     q, _ = swav_targets(scores, eps=0.05, n_iters=3, **DEV)
     wrong = 64 * sinkhorn(-scores, eps=0.05, n_iters=3, grad="none", **DEV).plan
@@ -210,7 +210,7 @@ def test_l2rm_plan_zero_diagonal_and_mass():
     assert (det.plan.sum(1) <= 1 / 32 + 1e-9).all() and (det.plan.sum(0) <= 1 / 32 + 1e-9).all()
     assert det.converged
     assert torch.isinf(det.cost.diagonal()).all()
-    # the loss is METHODS 3.4's formula on that plan
+    # the loss is the formula of docs/methods.md 3.4 on that plan
     assert torch.allclose(loss, sym_kl_ref(sim, det.plan, 0.05), rtol=1e-9, atol=1e-9)
 
 
