@@ -222,8 +222,8 @@ def check_matrix(x, name, *, cols=None, cols_desc="D", rows_desc="N", like=None)
         raise ValueError(f"{name} must have shape ({rows_desc}, {cols_desc}); got {_shape(x)}")
     if cols is not None and x.shape[1] != cols:
         source = f" like {like}" if like else ""
-        raise ValueError(f"{name} must have shape ({rows_desc}, {cols_desc}) with {cols_desc}={cols}{source}; "
-                         f"got {_shape(x)}")
+        raise ValueError(f"{name} must have shape ({rows_desc}, {cols_desc}) with {cols_desc}={cols}"
+                         f"{source}; got {_shape(x)}")
 
 
 def check_pair(z_a, z_b, names=("z_a", "z_b")):
@@ -245,13 +245,14 @@ def check_devices(ref, ref_name, *others):
 
 
 def check_count(x, name, minimum, maximum=None, maximum_desc=None):
-    """A count such as ``dim``, ``queue_size`` or ``k``: an int in ``[minimum, maximum]`` (ValueError otherwise).
+    """A count such as ``dim``, ``queue_size`` or ``k``: an int in ``[minimum, maximum]``, else ValueError.
 
     numpy integers are accepted; bools and floats (even ``2.0``) are not.
     """
     ok = isinstance(x, Integral) and not isinstance(x, bool) and x >= minimum
     if ok and maximum is not None and x > maximum:
-        raise ValueError(f"{name} must be an int with {minimum} <= {name} <= {maximum_desc or maximum}; got {x!r}")
+        raise ValueError(f"{name} must be an int with {minimum} <= {name} <= {maximum_desc or maximum}; "
+                         f"got {x!r}")
     if not ok:
         raise ValueError(f"{name} must be an int >= {minimum}; got {x!r}")
     return int(x)
@@ -278,7 +279,6 @@ def as_real(x: object, name: str) -> float:
     return float(x)
 
 
-
 def check_positive_scalar(x: object, name: str) -> float:
     """A finite real number > 0 (eps, temperatures, learning rates), as a float; see :func:`as_real`."""
     return check_positive(as_real(x, name), name)
@@ -288,8 +288,8 @@ def check_fraction(x: object, name: str) -> float:
     """A real number in (0, 1] (a transported mass of uniform marginals), as a float."""
     v = as_real(x, name)
     if not (0 < v <= 1):
-        raise ValueError(f"{name} must satisfy 0 < {name} <= 1 (the marginals are uniform with total mass 1); "
-                         f"got {v}")
+        raise ValueError(f"{name} must satisfy 0 < {name} <= 1 (the marginals are uniform with total mass "
+                         f"1); got {v}")
     return v
 
 

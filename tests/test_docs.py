@@ -68,7 +68,8 @@ def test_every_markdown_reference_resolves_inside_the_repository():
         refs = set(MD_REF.findall(text))
         if source.suffix == ".md":
             refs |= {r for r in LINK.findall(text) if "://" not in r}
-        missing += [f"{source.relative_to(ROOT)}: {ref}" for ref in sorted(refs) if not _resolves(ref, source)]
+        missing += [f"{source.relative_to(ROOT)}: {ref}" for ref in sorted(refs)
+                    if not _resolves(ref, source)]
     assert not missing, missing
 
 

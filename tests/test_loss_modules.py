@@ -140,19 +140,20 @@ def test_multi_sk_default_has_no_queue_and_a_queue_fills_without_zero_losses():
     past = torch.cat([F.normalize(f[2], dim=1) for f in seen[1:]])
     anc_in, anc_joint = F.normalize(mod.anchors_in_a, dim=1), F.normalize(mod.anchors_joint_a, dim=1)
     _, det = mod(*feats, return_details=True)
-    _, ref = multi_sk_loss(F.normalize(feats[0], dim=1) @ anc_in.T, F.normalize(feats[2], dim=1) @ anc_joint.T,
-                           queue=past @ anc_joint.T, return_details=True, **DEV)
+    pred, target = F.normalize(feats[0], dim=1) @ anc_in.T, F.normalize(feats[2], dim=1) @ anc_joint.T
+    _, ref = multi_sk_loss(pred, target, queue=past @ anc_joint.T, return_details=True, **DEV)
     assert det.queue_rows == 12
     assert torch.allclose(det.terms["in_a<-joint_a[z_a]"].target, ref.target, atol=1e-10)
 
 
 # ----------------------------------------------------------------------------- printing, exports
 def test_every_module_prints_its_settings():
-    assert "eps=0.03, temperature=0.2, n_iters=5" in repr(SwAMPLoss(4, n_prototypes=3, eps=0.03,
-                                                                     temperature=0.2, n_iters=5))
+    swamp = SwAMPLoss(4, n_prototypes=3, eps=0.03, temperature=0.2, n_iters=5)
+    assert "dim=4, n_prototypes=3, queue_size=0, eps=0.03, temperature=0.2, n_iters=5" in repr(swamp)
     text = repr(L2RMLoss(6, mass=0.2, eps=0.01))
     assert "batch_size=6, mass=0.2, eps=0.01, tau=0.05" in text and "lr_cost=2e-06" in text
-    assert "dims=(5, 7, 4), n_anchors=6, queue_size=0, k=3, eps=0.07" in repr(MultiSKLoss((5, 7, 4), n_anchors=6))
+    msk = MultiSKLoss((5, 7, 4), n_anchors=6)
+    assert "dims=(5, 7, 4), n_anchors=6, queue_size=0, k=3, eps=0.07" in repr(msk)
     assert repr(InfoNCELoss()) == "InfoNCELoss(temperature=0.07, normalize=True, reduction='mean')"
 
 
@@ -208,7 +209,8 @@ def test_k_must_be_an_int_for_the_losses_but_may_be_real_for_the_solver():
 
 
 # ----------------------------------------------------------------------------- scalar arguments
-SCALARS = [0.05, np.float32(0.05), np.float64(0.05), torch.tensor(0.05), torch.tensor(0.05, dtype=torch.float64)]
+SCALARS = [0.05, np.float32(0.05), np.float64(0.05), torch.tensor(0.05),
+           torch.tensor(0.05, dtype=torch.float64)]
 
 
 @pytest.mark.parametrize("eps", SCALARS, ids=["float", "np32", "np64", "t32", "t64"])
@@ -219,9 +221,10 @@ def test_eps_like_scalars_are_accepted_everywhere(eps):
     ref = float(np.float32(0.05)) if isinstance(eps, np.float32) or (
         isinstance(eps, torch.Tensor) and eps.dtype == torch.float32) else 0.05
     cases = [
-        (swamp_loss(z_a, z_b, c, eps=eps, temperature=eps, **DEV), swamp_loss(z_a, z_b, c, eps=ref, temperature=ref,
-                                                                               **DEV)),
-        (l2rm_loss(sim, eps=eps, mass=eps, tau=eps, **DEV), l2rm_loss(sim, eps=ref, mass=ref, tau=ref, **DEV)),
+        (swamp_loss(z_a, z_b, c, eps=eps, temperature=eps, **DEV),
+         swamp_loss(z_a, z_b, c, eps=ref, temperature=ref, **DEV)),
+        (l2rm_loss(sim, eps=eps, mass=eps, tau=eps, **DEV),
+         l2rm_loss(sim, eps=ref, mass=ref, tau=ref, **DEV)),
         (multi_sk_loss(pred, pred, eps=eps, temperature=eps * 2, **DEV),
          multi_sk_loss(pred, pred, eps=ref, temperature=ref * 2, **DEV)),
         (info_nce_loss(z_a, z_b, temperature=eps), info_nce_loss(z_a, z_b, temperature=ref)),

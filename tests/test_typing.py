@@ -42,8 +42,9 @@ def test_mypy_passes_on_the_package_and_on_typed_user_code(tmp_path):
     good, bad = tmp_path / "good.py", tmp_path / "bad.py"
     good.write_text(USER_CODE)
     bad.write_text(BAD_USER_CODE)
-    out = subprocess.run([sys.executable, "-m", "mypy", "--no-error-summary", "ot_losses", str(good), str(bad)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "mypy", "--no-error-summary", "ot_losses", str(good), str(bad)]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     errors = [line for line in out.stdout.splitlines() if ": error:" in line]
     # the only error: without return_details the result is a Tensor, not a (loss, details) pair
-    assert len(errors) == 1 and "bad.py:6" in errors[0] and "SwAMPDetails" in errors[0], out.stdout + out.stderr
+    assert len(errors) == 1, out.stdout + out.stderr
+    assert "bad.py:6" in errors[0] and "SwAMPDetails" in errors[0], errors

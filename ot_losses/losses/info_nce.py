@@ -38,7 +38,8 @@ def info_nce_loss(z_a: Tensor, z_b: Tensor, *, temperature: Scalar = ..., normal
 
 @overload
 def info_nce_loss(z_a: Tensor, z_b: Tensor, *, temperature: Scalar = ..., normalize: bool = ...,
-                  reduction: Reduction = ..., return_details: Literal[True]) -> Tuple[Tensor, InfoNCEDetails]: ...
+                  reduction: Reduction = ...,
+                  return_details: Literal[True]) -> Tuple[Tensor, InfoNCEDetails]: ...
 
 
 @overload

@@ -68,7 +68,8 @@ def _sym_kl_rows(sim: Tensor, plan: Tensor, tau: float) -> Tuple[Tensor, Tensor]
 @overload
 def l2rm_loss(sim: Tensor, *, cost: Optional[Tensor] = ..., mass: Scalar = ..., eps: Scalar = ...,
               tau: Scalar = ..., forbid_diagonal: bool = ..., n_iters: int = ..., tol: Optional[Scalar] = ...,
-              backend: str = ..., reduction: Reduction = ..., return_details: Literal[False] = ...) -> Tensor: ...
+              backend: str = ..., reduction: Reduction = ...,
+              return_details: Literal[False] = ...) -> Tensor: ...
 
 
 @overload
@@ -340,9 +341,9 @@ class L2RMLoss(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (f"batch_size={self.cost_net.batch_size}, mass={self.mass}, eps={self.eps}, tau={self.tau}, forbid_diagonal={self.forbid_diagonal}, "
-                f"n_iters={self.n_iters}, tol={self.tol}, lr_cost={self.lr_cost}, backend={self.backend!r}, "
-                f"reduction={self.reduction!r}")
+        return (f"batch_size={self.cost_net.batch_size}, mass={self.mass}, eps={self.eps}, tau={self.tau}, "
+                f"forbid_diagonal={self.forbid_diagonal}, n_iters={self.n_iters}, tol={self.tol}, "
+                f"lr_cost={self.lr_cost}, backend={self.backend!r}, reduction={self.reduction!r}")
 
     @staticmethod
     def _match_matrix(matches: Tensor, sim_keys: Tensor) -> Tensor:

@@ -109,20 +109,23 @@ def _bce_exp_logits(pred: Tensor, target: Tensor, temperature: float) -> Tensor:
 
 
 @overload
-def multi_sk_loss(pred: Tensor, target: Tensor, *, k: Optional[int] = ..., eps: Scalar = ..., n_iters: int = ...,
-                  temperature: Scalar = ..., queue: Optional[Tensor] = ..., backend: str = ...,
+def multi_sk_loss(pred: Tensor, target: Tensor, *, k: Optional[int] = ..., eps: Scalar = ...,
+                  n_iters: int = ..., temperature: Scalar = ..., queue: Optional[Tensor] = ...,
+                  backend: str = ...,
                   return_details: Literal[False] = ...) -> Tensor: ...
 
 
 @overload
-def multi_sk_loss(pred: Tensor, target: Tensor, *, k: Optional[int] = ..., eps: Scalar = ..., n_iters: int = ...,
-                  temperature: Scalar = ..., queue: Optional[Tensor] = ..., backend: str = ...,
+def multi_sk_loss(pred: Tensor, target: Tensor, *, k: Optional[int] = ..., eps: Scalar = ...,
+                  n_iters: int = ..., temperature: Scalar = ..., queue: Optional[Tensor] = ...,
+                  backend: str = ...,
                   return_details: Literal[True]) -> Tuple[Tensor, MultiSKDetails]: ...
 
 
 @overload
-def multi_sk_loss(pred: Tensor, target: Tensor, *, k: Optional[int] = ..., eps: Scalar = ..., n_iters: int = ...,
-                  temperature: Scalar = ..., queue: Optional[Tensor] = ..., backend: str = ...,
+def multi_sk_loss(pred: Tensor, target: Tensor, *, k: Optional[int] = ..., eps: Scalar = ...,
+                  n_iters: int = ..., temperature: Scalar = ..., queue: Optional[Tensor] = ...,
+                  backend: str = ...,
                   return_details: bool = ...) -> Union[Tensor, Tuple[Tensor, MultiSKDetails]]: ...
 
 
@@ -291,7 +294,8 @@ class MultiSKLoss(nn.Module):
         names = ("x_a", "x_b", "z_a", "z_b")
         raw = (x_a, x_b, z_a, z_b)
         dim_names = ("dim_a", "dim_b", "dim_joint", "dim_joint")
-        for f, name, d, dn in zip(raw, names, (self.dims[0], self.dims[1], self.dims[2], self.dims[2]), dim_names):
+        widths = (self.dims[0], self.dims[1], self.dims[2], self.dims[2])
+        for f, name, d, dn in zip(raw, names, widths, dim_names):
             V.check_matrix(f, name, cols=d, cols_desc="D", like=f"this module's {dn}")
         n = x_a.shape[0]
         for f, name in zip(raw[1:], names[1:]):

@@ -141,7 +141,8 @@ def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = 0.
         V.check_matrix(queue_a, "queue_a", cols=dim, cols_desc="D", rows_desc="Q", like="z_a")
     if queue_b is not None:
         V.check_matrix(queue_b, "queue_b", cols=dim, cols_desc="D", rows_desc="Q", like="z_b")
-    named = ((z_a, "z_a"), (z_b, "z_b"), (prototypes, "prototypes"), (queue_a, "queue_a"), (queue_b, "queue_b"))
+    named = ((z_a, "z_a"), (z_b, "z_b"), (prototypes, "prototypes"), (queue_a, "queue_a"),
+             (queue_b, "queue_b"))
     V.check_devices(z_a, "z_a", *named[1:])
     eps = V.check_positive_scalar(eps, "eps")
     temperature = V.check_positive_scalar(temperature, "temperature")
