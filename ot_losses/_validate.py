@@ -332,17 +332,15 @@ def check_finite_inputs(*named: Tuple[Optional[torch.Tensor], str]) -> None:
                                  f"(shape {_shape(x)})")
 
 
-def check_forbid_diagonal(shape: Tuple[int, int], mass: float) -> None:
-    """With the given pairs ``(i, i)`` forbidden, uniform marginals can move at most ``1 - 1/max(n, m)``
-    of their mass when ``min(n, m) == 1`` (and all of it otherwise): the batch must allow ``mass``."""
+def check_forbid_diagonal(shape: Tuple[int, int]) -> None:
+    """With the given pairs ``(i, i)`` forbidden, a batch of one row (column) leaves the column (row) of
+    pair (0, 0) without an allowed entry: a problem the solvers reject, so say why here."""
     n, m = shape
     if min(n, m) == 1:
-        limit = 1.0 - 1.0 / max(n, m)
-        if mass > limit:
-            raise ValueError(f"sim of shape {tuple(shape)} is too small for forbid_diagonal=True: with the "
-                             f"given pair (0, 0) forbidden at most {limit:.6g} of the mass can move, but "
-                             f"mass={mass}; use a batch with at least 2 rows and 2 columns or "
-                             f"forbid_diagonal=False")
+        line = "column" if n == 1 else "row"
+        raise ValueError(f"sim of shape {tuple(shape)} is too small for forbid_diagonal=True: forbidding "
+                         f"the given pair (0, 0) leaves {line} 0 with no allowed entry; use a batch with at "
+                         f"least 2 rows and 2 columns, or forbid_diagonal=False")
 
 
 def check_exp_logits_finite(loss: torch.Tensor, preds: Sequence[torch.Tensor], temperature: float) -> None:

@@ -74,17 +74,13 @@ def test_l2rm_user_cost_nan_names_cost_and_inf_forbids():
 def test_l2rm_batch_too_small_for_forbid_diagonal():
     with pytest.raises(ValueError, match=r"sim of shape \(1, 1\) is too small for forbid_diagonal=True"):
         l2rm_loss(torch.rand(1, 1), **DEV)
-    with pytest.raises(ValueError, match=r"too small for forbid_diagonal.*mass=0.9"):
-        l2rm_loss(torch.rand(1, 3), mass=0.9, **DEV)   # at most 2/3 can avoid the pair (0, 0)
+    with pytest.raises(ValueError, match=r"sim of shape \(1, 3\) is too small.*leaves column 0"):
+        l2rm_loss(torch.rand(1, 3), **DEV)
+    with pytest.raises(ValueError, match=r"sim of shape \(4, 1\) is too small.*leaves row 0"):
+        L2RMLoss(4, **DEV)(torch.rand(4, 1))
     assert torch.isfinite(l2rm_loss(torch.rand(1, 1), forbid_diagonal=False, **DEV))
-
-
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="partial_ot's support check rejects a real column whose entries are all forbidden, "
-                          "though partial OT may leave it unserved (solver side)")
-def test_l2rm_one_row_batch_moves_what_it_can():
-    _, det = l2rm_loss(torch.rand(1, 3, dtype=torch.float64), mass=0.5, return_details=True, **DEV)
-    assert det.plan[0, 0] == 0 and abs(det.plan.sum().item() - 0.5) < 1e-6
+    _, det = l2rm_loss(torch.rand(2, 3, dtype=torch.float64), mass=0.5, return_details=True, **DEV)
+    assert det.plan[0, 0] == 0 and det.plan[1, 1] == 0 and abs(det.plan.sum().item() - 0.5) < 1e-6
 
 
 def _peaked(n=6, k_anchors=5, high=0.95, low=0.5):

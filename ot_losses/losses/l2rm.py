@@ -126,8 +126,9 @@ def l2rm_loss(sim: Tensor, *, cost: Optional[Tensor] = None, mass: Scalar = 0.1,
     Raises:
         TypeError / ValueError: ``sim`` not (n, m) floating or not finite, ``cost`` of
             another shape or device or with NaN, ``mass`` outside (0, 1], a 1 x m or
-            n x 1 batch too small for ``forbid_diagonal`` at this ``mass``, non-positive
-            ``tau`` / ``eps``, ``reduction="none"`` with n != m.
+            n x 1 batch with ``forbid_diagonal`` (the given pair's column or row would
+            have no allowed entry), non-positive ``tau`` / ``eps``, ``reduction="none"``
+            with n != m.
 
     Example:
         >>> import torch
@@ -156,7 +157,7 @@ def l2rm_loss(sim: Tensor, *, cost: Optional[Tensor] = None, mass: Scalar = 0.1,
         raise ValueError(f"reduction='none' gives one loss per given pair (i, i) and needs a square sim; "
                          f"got {tuple(sim.shape)}; use 'mean' or 'sum'")
     if forbid_diagonal:
-        V.check_forbid_diagonal((n, m), mass_)
+        V.check_forbid_diagonal((n, m))
     V.check_finite_inputs((sim, "sim"))
     dtype = loss_dtype(sim)
     with torch.no_grad(), no_autocast(sim.device):
