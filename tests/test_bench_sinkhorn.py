@@ -32,7 +32,7 @@ def _load_bench():
 
 
 bench = _load_bench()   # puts benchmarks/ on sys.path: the otbench package imports
-from otbench import agreement, contenders, core, naive, runner  # noqa: E402
+from otbench import agreement, contenders, core, naive, report, runner  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +46,6 @@ def quick_run(tmp_path_factory):
     files = sorted(out.glob("cpu-*-quick.json"))
     assert len(files) == 1, sorted(p.name for p in out.iterdir())
     return json.loads(files[0].read_text()), files[0], proc.stdout
-
-
-def _groups(rows):
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["scenario"], r["size"], r["dtype"]), []).append(r)
-    return groups
 
 
 def test_quick_run_writes_json_markdown_and_metadata(quick_run):
@@ -70,7 +63,7 @@ def test_quick_run_writes_json_markdown_and_metadata(quick_run):
 
 def test_every_scenario_has_a_row_per_contender(quick_run):
     data, _, _ = quick_run
-    groups = _groups(data["rows"])
+    groups = report.group_rows(data["rows"])
     assert {g[0] for g in groups} == set(bench.SCENARIOS)
     for key, rows in groups.items():
         names = [r["contender"] for r in rows]
@@ -87,7 +80,7 @@ def test_every_scenario_has_a_row_per_contender(quick_run):
 
 def test_rows_have_finite_times_and_the_same_problem(quick_run):
     data, _, _ = quick_run
-    for key, rows in _groups(data["rows"]).items():
+    for key, rows in report.group_rows(data["rows"]).items():
         assert len({tuple(r["shape"]) for r in rows}) == 1, key
         for r in rows:
             assert r["status"] == "ok", (key, r["contender"], r.get("error"), r.get("traceback"))
