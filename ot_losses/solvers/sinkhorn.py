@@ -168,7 +168,7 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
         ``marginal_error``, ``converged`` (…,) and ``n_iters``.
 
     Raises:
-        TypeError, ValueError: invalid input (see API.md "Errors").
+        TypeError, ValueError: invalid input (see docs/api.md, "Errors").
 
     Example:
         >>> import torch
