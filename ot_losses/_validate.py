@@ -194,7 +194,7 @@ def check_n_iters(n_iters, name="n_iters"):
 
 
 def check_tol(tol):
-    return None if tol is None else check_positive(tol, "tol")
+    return None if tol is None else check_positive_scalar(tol, "tol")
 
 
 def check_choice(x, name, choices):
@@ -223,7 +223,7 @@ def check_reach(reach):
 def check_eps_schedule(eps_schedule, eps):
     if eps_schedule is None:
         return []
-    sched = [check_positive(e, "eps_schedule") for e in eps_schedule]
+    sched = [check_positive_scalar(e, "eps_schedule") for e in eps_schedule]
     if any(e < eps for e in sched) or any(x < y for x, y in zip(sched, sched[1:])):
         raise ValueError(f"eps_schedule must be a decreasing sequence of values >= eps={eps}; got {sched}")
     return sched

@@ -91,7 +91,7 @@ def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=Non
     cost3, batched = V.check_cost(cost)
     N, M = cost3.shape[1:]
     k = V.check_k(k, M)
-    eps = V.check_positive(eps, "eps")
+    eps = V.check_positive_scalar(eps, "eps")
     n_iters = V.check_n_iters(n_iters)
     tol = V.check_tol(tol)
     V.check_choice(grad, "grad", _GRADS)

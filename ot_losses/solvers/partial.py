@@ -211,7 +211,7 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
         (0.5, True)
     """
     cost3, batched = V.check_cost(cost)
-    eps = V.check_positive(eps, "eps")
+    eps = V.check_positive_scalar(eps, "eps")
     n_iters = V.check_n_iters(n_iters)
     tol = V.check_tol(tol)
     V.check_choice(method, "method", METHODS)
@@ -219,7 +219,7 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
     aw = V.check_marginal(a, "a", cost3, 1, batched)
     bw = V.check_marginal(b, "b", cost3, 2, batched)
     if dummy_cost is not None:
-        dummy_cost = V.check_positive(dummy_cost, "dummy_cost")
+        dummy_cost = V.check_positive_scalar(dummy_cost, "dummy_cost")
     name = resolve_backend(backend, cost3.device)
     V.check_grad_backend(grad, name)
     forbidden, stats = V.check_cost_values(cost3)

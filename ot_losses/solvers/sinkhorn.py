@@ -184,7 +184,7 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
     Chizat et al. (2018) and Sejourne et al. (2019) for the unbalanced updates.
     """
     cost3, batched = V.check_cost(cost)
-    eps = V.check_positive(eps, "eps")
+    eps = V.check_positive_scalar(eps, "eps")
     n_iters = V.check_n_iters(n_iters)
     tol = V.check_tol(tol)
     rho = V.check_reach(reach)
