@@ -5,8 +5,8 @@ Losses (pure functions and ``nn.Module`` wrappers): SwAMP, L2RM, Multi-SK and
 the InfoNCE baseline. Importing the package never imports triton.
 """
 from .features import FeatureCost
-from .losses import (L2RMCost, L2RMLoss, MultiSKLoss, SwAMPLoss, info_nce_loss, l2rm_loss, multi_sk_loss,
-                     split_clean_noisy, swamp_loss)
+from .losses import (InfoNCELoss, L2RMCost, L2RMLoss, MultiSKLoss, SwAMPLoss, info_nce_loss, l2rm_loss,
+                     multi_sk_loss, split_clean_noisy, swamp_loss)
 from .results import MultiAssignmentResult, PartialOTResult, SinkhornResult
 from .solvers.multi_assignment import multi_assignment_sinkhorn
 from .solvers.partial import partial_ot
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FeatureCost",
+    "InfoNCELoss",
     "L2RMCost",
     "L2RMLoss",
     "MultiAssignmentResult",

@@ -186,13 +186,13 @@ class FeatureCost:
                                      f"(cosine undefined); got zero row {idx[-1]}")
 
     def _check_values(self, name="cost"):
-        """``check_cost_values`` of a feature cost: ``(False, row_min)``; it forbids nothing.
+        """``check_cost_values`` of a feature cost: ``(False, (row_min, row_max, col_min, col_max))``.
 
-        ``row_min`` (B, N), the smallest entry of each row, is streamed.
+        A feature cost forbids nothing; the lines' extremes are streamed in one pass.
         """
         self._check_finite(name)
         from .solvers import _feature_steps
-        return False, _feature_steps.row_min(self._as_batched())
+        return False, _feature_steps.line_stats(self._as_batched())
 
     def steps(self, backend):
         """The half-step namespace reducing over this cost on a resolved backend ("torch"/"triton")."""
@@ -217,11 +217,6 @@ class FeatureCost:
         """``(B,)`` largest entry of each problem's cost, streamed (differentiable in x, y)."""
         from .solvers import _feature_steps
         return _feature_steps.max_cost(self)
-
-    def shifted_col_min(self, r, dtype):
-        """``(B, M)``: ``min_i (C_ij - r_i)``, streamed (the solvers' column offsets)."""
-        from .solvers import _feature_steps
-        return _feature_steps.shifted_col_min(self, r.to(dtype))
 
     def envelope_value(self, a, b, terms, steps, eps, shift):
         """``value`` whose gradient w.r.t. x, y (and a, b) follows the envelope theorem."""
@@ -257,12 +252,17 @@ class _Terms:
         self.ys = sy.unsqueeze(-1) * y if ys is None else ys
 
     def shifted(self, shift):
-        """The terms of ``C_ij - r_i - s_j`` for the solvers' offsets ``shift = (r, s)`` (or None)."""
+        """The terms of ``C_ij - r_i - s_j`` for the solvers' offsets ``shift = (r, s)``.
+
+        ``shift`` None: no offsets; ``s`` None: row offsets only.
+        """
         if shift is None:
             return self
-        r, s = (o.to(self.alpha.dtype).expand_as(v) for o, v in zip(shift, (self.alpha, self.beta)))
-        return _Terms(self.x, self.y, self.alpha - r, self.beta - s, self.sx, self.sy, True, self.kind,
-                      self.scale, self.xs, self.ys)
+        r, s = shift
+        alpha = self.alpha - r.to(self.alpha.dtype)
+        beta = self.beta if s is None else self.beta - s.to(self.beta.dtype)
+        return _Terms(self.x, self.y, alpha, beta, self.sx, self.sy, True, self.kind, self.scale,
+                      self.xs, self.ys)
 
 
 def _tile(t, start, stop, by_row):

@@ -71,9 +71,10 @@ def test_steps_match_torch_twins(kind, B, N, M, D, dtype, layout, rtol):
     cost = FeatureCost(x, y, kind=kind, scale=0.6)
     compute = F64 if dtype == F64 else F32
     f, g = _potentials(B, N, M, compute)
-    # the solvers' offsets (row minima, then column minima of the rest); none for dot (both paths run)
-    r = S.row_min(cost)
-    shift = None if kind == "dot" else (r, S.shifted_col_min(cost, r))
+    # offsets as the solvers make them: per row and column (sqeuclidean), per row only (cosine), none
+    row_min, _, col_min, _ = S.line_stats(cost)
+    shift = {"sqeuclidean": (row_min, col_min - row_min.amin(-1, keepdim=True)),
+             "cosine": (row_min, None), "dot": None}[kind]
     for name, call in STEPS.items():
         out, ref = call(K, cost, f, g, 0.3, shift), call(S, cost, f, g, 0.3, shift)
         for o, r in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):

@@ -156,7 +156,7 @@ def _shift(B, N, M, dtype, seed=2):
             0.3 * torch.randn(B, M, generator=gen, dtype=F64).to(dtype))
 
 
-@pytest.mark.parametrize("shifted", [False, True], ids=["plain", "shifted"])
+@pytest.mark.parametrize("shifted", [None, "rows", "lines"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("B, N, M, D, dtype, rtol", CASES)
 def test_steps_match_dense_twins(kind, B, N, M, D, dtype, rtol, shifted):
@@ -165,7 +165,9 @@ def test_steps_match_dense_twins(kind, B, N, M, D, dtype, rtol, shifted):
     dense = cost.dense()
     f, g = potentials(B, N, M, dtype)
     scale = torch.rand(B, dtype=dtype) + 0.5
-    shift = _shift(B, N, M, dtype) if shifted else None
+    shift = None if shifted is None else _shift(B, N, M, dtype)
+    if shifted == "rows":   # one offset per row (or problem), none per column
+        shift = (shift[0], None)
     for name, call in STEPS.items():
         small = name == "plan_cost"   # a sum of plan-weighted costs: potentials scaled to keep it O(1)
         fs, gs = (f * 0.1, g * 0.1) if small else (f, g)
@@ -173,9 +175,11 @@ def test_steps_match_dense_twins(kind, B, N, M, D, dtype, rtol, shifted):
         for o, r in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
             assert o.dtype == r.dtype and o.shape == r.shape, name
             if small:   # <P, C> may cancel (signed costs, offsets): error relative to sum |P C| terms
-                mag = T.plan(dense, fs, gs, 0.3, shift=shift) * dense.abs()
+                terms = dense.abs()
                 if shift is not None:
-                    mag = mag * 3 + shift[0].abs()[..., None] + shift[1].abs()[..., None, :]
+                    terms = terms + shift[0].abs()[..., None]
+                    terms = terms if shift[1] is None else terms + shift[1].abs()[..., None, :]
+                mag = T.plan(dense, fs, gs, 0.3, shift=shift) * terms
                 assert ((o - r).abs() <= rtol * mag.sum(dim=(-2, -1))).all(), f"{name}: {o} vs {r}"
             else:
                 assert rel(o, r) <= rtol, f"{name}: {rel(o, r):.3e}"
@@ -216,9 +220,11 @@ def test_feature_grads_match_autograd_through_dense(kind):
 
 
 REDUCTIONS = {   # streamed set-up reductions vs the same reduction of dense()
-    "max_cost": (lambda c, r: S.max_cost(c), lambda d, r: d.amax(dim=(-2, -1))),
-    "row_min": (lambda c, r: S.row_min(c), lambda d, r: d.amin(-1)),
-    "shifted_col_min": (lambda c, r: S.shifted_col_min(c, r), lambda d, r: (d - r.unsqueeze(-1)).amin(-2)),
+    "max_cost": (lambda c: S.max_cost(c), lambda d: d.amax(dim=(-2, -1))),
+    "row_min": (lambda c: S.line_stats(c)[0], lambda d: d.amin(-1)),
+    "row_max": (lambda c: S.line_stats(c)[1], lambda d: d.amax(-1)),
+    "col_min": (lambda c: S.line_stats(c)[2], lambda d: d.amin(-2)),
+    "col_max": (lambda c: S.line_stats(c)[3], lambda d: d.amax(-2)),
 }
 
 
@@ -226,20 +232,30 @@ REDUCTIONS = {   # streamed set-up reductions vs the same reduction of dense()
 @pytest.mark.parametrize("name", list(REDUCTIONS))
 def test_setup_reductions_and_their_gradients_match_dense(kind, name):
     x, y = features(3, 17, 6, 3)
-    r = torch.randn(3, 17, dtype=F64)
     ours, dense_ref = REDUCTIONS[name]
-    out, weights = [], torch.rand(3, 17 if name == "row_min" else 6, dtype=F64)
+    out, weights = [], torch.rand(3, 17 if name.startswith("row") else 6, dtype=F64)
     if name == "max_cost":
         weights = weights[:, 0]
     for dense in (False, True):
         xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
         cost = FeatureCost(xr, yr, kind=kind, workspace=TINY)
-        val = dense_ref(cost.dense(), r) if dense else ours(cost, r)
+        val = dense_ref(cost.dense()) if dense else ours(cost)
         out.append((val,) + torch.autograd.grad((val * weights).sum(), (xr, yr)))
     for o, d in zip(out[0], out[1]):
         assert rel(o, d) <= 1e-13
     with torch.no_grad():   # without a graph: the streamed values themselves
-        assert rel(ours(FeatureCost(x, y, kind=kind, workspace=TINY), r), out[1][0]) <= 1e-13
+        assert rel(ours(FeatureCost(x, y, kind=kind, workspace=TINY)), out[1][0]) <= 1e-13
+
+
+def test_check_values_gives_the_dense_line_stats():
+    from ot_losses import _validate as V
+    x, y = features(2, 9, 5, 3)
+    cost = FeatureCost(x, y, workspace=TINY)
+    forbidden, stats = V.check_cost_values(cost)
+    dense_forbidden, dense_stats = V.check_cost_values(cost.dense())
+    assert forbidden is dense_forbidden is False
+    for o, d in zip(stats, dense_stats):
+        assert rel(o, d) <= 1e-14
 
 
 def test_twin_names_and_signatures():
@@ -318,6 +334,22 @@ def test_multi_assignment_matches_dense(kind):
     kw = dict(k=2.5, eps=0.3, n_iters=300, tol=1e-10)
     res, ref = multi_assignment_sinkhorn(cost, **kw), multi_assignment_sinkhorn(cost.dense(), **kw)
     _compare(res, ref, ["f", "g", "assignment"])
+
+
+@pytest.mark.parametrize("solve", ["sinkhorn", "unbalanced", "partial", "multi"])
+def test_large_offsets_shifted_like_dense(solve):
+    """Clouds far apart: costs ~3e4 with spreads ~10, so the solvers take offsets out of the cost."""
+    from ot_losses import _validate as V
+    from ot_losses.solvers._loop import cost_shift
+    x, y = features(2, 9, 7, 3)
+    cost = FeatureCost(x + 100.0, y, workspace=TINY)
+    assert cost_shift(V.check_cost_values(cost)[1], F64, per_line=solve != "partial") is not None
+    call = {"sinkhorn": lambda c: sinkhorn(c, eps=0.3, n_iters=500, tol=1e-10),
+            "unbalanced": lambda c: sinkhorn(c, eps=0.3, n_iters=500, reach=2.0),
+            "partial": lambda c: partial_ot(c, mass=0.5, eps=0.3, n_iters=500, tol=1e-10, method="dummy"),
+            "multi": lambda c: multi_assignment_sinkhorn(c, k=2, eps=0.3, n_iters=500, tol=1e-10)}[solve]
+    res, ref = call(cost), call(cost.dense())
+    _compare(res, ref, ["f", "g", "assignment" if solve == "multi" else "plan"])
 
 
 def test_inputs_not_modified_and_result_lazy():

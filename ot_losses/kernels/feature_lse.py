@@ -138,7 +138,9 @@ def _check(cost, rows=(), cols=(), shift=None):
     (fp32, or fp64 for fp64 features).
     """
     if shift is not None:
-        rows, cols = list(rows) + [("shift[0]", shift[0])], list(cols) + [("shift[1]", shift[1])]
+        rows = list(rows) + [("shift[0]", shift[0])]
+        if shift[1] is not None:
+            cols = list(cols) + [("shift[1]", shift[1])]
     if not hasattr(cost, "_terms") or not cost.batched:
         raise ValueError(f"cost must be a batched FeatureCost (B, N, M); got {type(cost).__name__}")
     device = cost.device
@@ -170,7 +172,8 @@ def _launch(cost, h, u, eps, by_row, mode, shift):
     K = q.shape[1]
     shift_k = h   # unread unless PLAN_COST
     if mode == PLAN_COST:
-        shift_k = (shift[1] if shift is not None else h.new_zeros(())).expand(B, K)
+        has_s = shift is not None and shift[1] is not None
+        shift_k = (shift[1] if has_s else h.new_zeros(())).expand(B, K)
     vecs = [v.contiguous() for v in (off_r, off_k, s_r, s_k, h, u if u is not None else h, shift_k)]
     out = torch.empty((B, R), dtype=h.dtype, device=h.device)
     out2 = torch.empty_like(out) if mode != LSE else out

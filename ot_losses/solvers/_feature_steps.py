@@ -15,8 +15,8 @@ so a shifted tile costs nothing extra.
 
 Extra steps of this namespace: ``feature_grads`` (the envelope gradient's
 plan-weighted sums) and the streamed reductions the solvers' set-up needs,
-``row_min``, ``shifted_col_min`` and ``max_cost`` (differentiable: the
-extreme entries are found without a graph, then recomputed from x and y).
+``line_stats`` and ``max_cost`` (differentiable: the extreme entries are
+found without a graph, then recomputed from x and y).
 """
 import torch
 import torch.nn.functional as F
@@ -132,8 +132,10 @@ def _plan_cost_chunk(t, s, e, f, g, eps, shift):
     c, p = _plan_tile(t, s, e, f, g, eps)
     B = c.shape[0]
     out = torch.bmm(p.reshape(B, 1, -1), c.reshape(B, -1, 1)).reshape(B)   # <P, C~> without a P * C tile
-    if shift is not None:   # C = C~ + r_i + s_j
-        out = out + (p.sum(-1) * shift[0][:, s:e]).sum(-1) + (p.sum(-2) * shift[1]).sum(-1)
+    if shift is not None:   # C = C~ + r_i (+ s_j)
+        out = out + (p.sum(-1) * shift[0][:, s:e]).sum(-1)
+        if shift[1] is not None:
+            out = out + (p.sum(-2) * shift[1]).sum(-1)
     return out
 
 
@@ -174,25 +176,6 @@ def feature_grads(cost, f, g, eps, scale=None, shift=None):
 
 
 # ----------------------------------------------------------------------------- set-up reductions
-def _extreme_chunk(t, s, e, by_row, largest, offset):
-    c = _tile(t, s, e, by_row)
-    if offset is not None:
-        c.sub_(offset.unsqueeze(-2))
-    return c.max(-1) if largest else c.min(-1)
-
-
-def _extreme(cost, dtype, by_row, largest, offset=None):
-    """Streamed min (or max) of each row of C (``by_row``) or of each column of ``C - offset_i``.
-
-    Returns values and their indices along the reduced axis, (B, R) each, without a graph.
-    """
-    with torch.no_grad():
-        t = cost._terms(dtype)
-        parts = [_extreme_chunk(t, s, e, by_row, largest, offset)
-                 for s, e in _chunks(cost, dtype, by_row, _LSE_TEMPS)]
-        return torch.cat([v for v, _ in parts], 1), torch.cat([i for _, i in parts], 1)
-
-
 def _entries(cost, dtype, rows, cols):
     """``C[b, rows[b, k], cols[b, k]]`` recomputed from the features (differentiable): (B, K)."""
     t = cost._terms(dtype)
@@ -207,32 +190,53 @@ def _entries(cost, dtype, rows, cols):
     return pick(t.alpha, rows) + pick(t.beta, cols) - dot
 
 
-def row_min(cost):
-    """``(B, N)`` smallest entry of each row, in the compute dtype; differentiable in x, y."""
+def _stats_chunk(t, s, e, cols):
+    """Row extremes of rows ``s:e`` (values, indices); folds their column extremes into ``cols``."""
+    c = _tile(t, s, e, True)
+    rows = c.min(-1) + c.max(-1)
+    out = []
+    for (v, i), (run_v, run_i), better in ((c.min(-2), cols[:2], torch.lt), (c.max(-2), cols[2:], torch.gt)):
+        take = better(v, run_v)
+        out += [torch.where(take, v, run_v), torch.where(take, i + s, run_i)]
+    return rows, out
+
+
+def line_stats(cost):
+    """``(row_min, row_max, col_min, col_max)`` of C, ``(B, N)`` and ``(B, M)``, in one streamed pass.
+
+    What ``check_cost_values`` returns for a dense cost (a feature cost has no
+    forbidden entries), in the compute dtype; differentiable in x and y.
+    """
     dtype = V.compute_dtype(cost)
-    vals, idx = _extreme(cost, dtype, True, largest=False)
+    B, N, M = cost.shape
+    with torch.no_grad():
+        t = cost._terms(dtype)
+        inf = torch.full((B, M), float("inf"), dtype=dtype, device=cost.device)
+        zero = torch.zeros((B, M), dtype=torch.long, device=cost.device)
+        cols, rows = [inf, zero, -inf, zero], []
+        for s, e in _chunks(cost, dtype, True, _LSE_TEMPS):
+            r, cols = _stats_chunk(t, s, e, cols)
+            rows.append(r)
+        row_min, row_imin, row_max, row_imax = (torch.cat([r[k] for r in rows], 1) for k in range(4))
     if not _graph(cost.x, cost.y):
-        return vals
-    B, N = vals.shape
-    rows = torch.arange(N, device=idx.device).expand(B, N)
-    return _entries(cost, dtype, rows, idx)
+        return row_min, row_max, cols[0], cols[2]
+    # the extreme entries again, from the features: their gradient is that of the min / max
+    n, m = (torch.arange(k, device=cost.device).expand(B, k) for k in (N, M))
+    return (_entries(cost, dtype, n, row_imin), _entries(cost, dtype, n, row_imax),
+            _entries(cost, dtype, cols[1], m), _entries(cost, dtype, cols[3], m))
 
 
-def shifted_col_min(cost, r):
-    """``(B, M)``: ``s_j = min_i (C_ij - r_i)``; differentiable in x, y (and ``r``)."""
-    dtype = r.dtype
-    vals, idx = _extreme(cost, dtype, False, largest=False, offset=r)
-    if not _graph(cost.x, cost.y, r):
-        return vals
-    B, M = vals.shape
-    cols = torch.arange(M, device=idx.device).expand(B, M)
-    return _entries(cost, dtype, idx, cols) - torch.gather(r, 1, idx)
+def _row_max_chunk(t, s, e):
+    return _tile(t, s, e, True).max(-1)
 
 
 def max_cost(cost):
     """``(B,)`` largest entry of each problem's cost (the dummy method's ``max C``); differentiable."""
     dtype = V.compute_dtype(cost)
-    vals, idx = _extreme(cost, dtype, True, largest=True)
+    with torch.no_grad():
+        t = cost._terms(dtype)
+        parts = [_row_max_chunk(t, s, e) for s, e in _chunks(cost, dtype, True, _LSE_TEMPS)]
+        vals, idx = torch.cat([v for v, _ in parts], 1), torch.cat([i for _, i in parts], 1)
     best, row = vals.max(-1)
     if not _graph(cost.x, cost.y):
         return best

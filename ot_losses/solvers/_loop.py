@@ -6,9 +6,12 @@ half-steps), ``error(eps)`` (``(B,)`` tensor) and ``mark()`` (remember the
 potentials for a change-based error). The loop only schedules eps, checks
 convergence every few iterations and stops.
 """
+import math
+
 import torch
 
 from .._backend import get_steps
+from ._numerics import in_cost_units
 from ._scaling import ScalingSteps
 
 # Convergence is checked every CHECK_EVERY iterations: on a GPU each check
@@ -31,41 +34,53 @@ def make_steps(backend, grad, cost3, dtype, shift, forbidden, scaled=True):
     """Half-step namespace for a resolved backend and gradient mode.
 
     ``grad="unroll"`` keeps the plain differentiable reference steps; the torch
-    backend otherwise uses the cached-kernel fast path when ``scaled``. A cost
-    that is not a dense tensor (``FeatureCost``) brings its own reductions.
+    backend otherwise uses the cached-kernel fast path when ``scaled``.
     """
-    if not isinstance(cost3, torch.Tensor):
+    if not isinstance(cost3, torch.Tensor):   # a cost kind (FeatureCost) brings its own reductions
         return cost3.steps(backend)
     if backend == "torch" and grad != "unroll" and scaled:
         return ScalingSteps(cost3.detach(), dtype, shift, forbidden)
     return get_steps(backend)
 
 
-def cost_shift(cost3, row_min, dtype, per_line, unroll=False):
-    """Offsets ``(r, s)``, ``(B, N)`` and ``(B, M)``, that every step subtracts from the cost.
+def cost_shift(stats, dtype, per_line, unroll=False):
+    """Offsets ``(r, s)`` that every step subtracts from the cost, or None.
 
-    ``per_line`` (problems invariant to adding constants to rows and columns):
-    ``r_i = min_j C_ij`` and ``s_j = min_i (C_ij - r_i)``; otherwise one
-    constant per problem, ``min C``, in ``r``. Minima run over allowed
-    entries (0 for an all-forbidden line), so the shifted cost is >= 0 with
-    a 0 in every line, and ``C_ij - r_i`` is exact where the offset is large.
-    They are constants of the solve (detached): any offsets give the same
-    plan, so they carry no gradient; except with ``unroll``, where a few
-    iterations of some problems (the dummy partial) do depend on them.
+    ``stats``: the lines' extreme allowed entries (``check_cost_values``).
+    Potentials are about as large as the cost entries, so in floating point
+    they carry an absolute error of ``ulp(max |C|)``, ``ulp(max |C|)/eps``
+    in the plan's exponents: ruinous for ``C + 1e6`` in fp32. Subtracting
+    offsets keeps the potentials as small as the differences the plan
+    depends on. When the offsets are not larger than those differences
+    (most costs: [0, 1], ``-S``) there is nothing to gain and None is
+    returned (no work per step).
+
+    ``per_line`` (problems invariant to adding constants to rows and
+    columns): ``r_i = min_j C_ij`` and ``s_j = min_i C_ij - min C``; the
+    steps then subtract with compensated arithmetic. Otherwise one constant ``min C`` per problem in
+    ``r`` and ``s = None``. The offsets are constants of the solve (any give
+    the same plan), detached except with ``unroll``, where a few iterations
+    of some problems (the dummy partial) do depend on them.
     """
-    B, N, M = cost3.shape
-    r = (row_min if unroll else row_min.detach()).to(dtype)
+    row_min, row_max, col_min, col_max = (x if unroll else x.detach() for x in stats)
+    row_min, row_max, col_min, col_max = (x.to(dtype) for x in (row_min, row_max, col_min, col_max))
+
+    def finite(x, fill):
+        return x.masked_fill(~torch.isfinite(x), fill)
+
+    lo, hi = finite(row_min, math.inf).amin(-1), finite(row_max, -math.inf).amax(-1)
+    size = torch.maximum(lo.abs(), hi.abs())
+    if per_line:
+        row_spread = finite(row_max - row_min, 0.0).amax(-1)
+        col_spread = finite(col_max - col_min, 0.0).amax(-1)
+        spread = torch.minimum(row_spread, col_spread)
+    else:
+        spread = finite(hi - lo, 0.0)
+    if not bool((size > 2 * spread).any()):  # one host sync
+        return None
     if not per_line:
-        c = r.masked_fill(~torch.isfinite(r), float("inf")).amin(-1)
-        c = c.masked_fill(~torch.isfinite(c), 0.0)
-        return c.unsqueeze(-1).expand(B, N), torch.zeros((), dtype=dtype, device=r.device).expand(B, M)
-    r = r.masked_fill(~torch.isfinite(r), 0.0)
-    with torch.set_grad_enabled(unroll):
-        if isinstance(cost3, torch.Tensor):
-            s = (cost3.to(dtype) - r.unsqueeze(-1)).amin(-2)
-        else:  # FeatureCost: streamed
-            s = cost3.shifted_col_min(r, dtype)
-    return r, s.masked_fill(~torch.isfinite(s), 0.0)
+        return finite(lo, 0.0).unsqueeze(-1).expand(row_min.shape), None
+    return finite(row_min, 0.0), finite(col_min - lo.unsqueeze(-1), 0.0)
 
 
 def start_potentials(init, shift, shape, dtype, device):
@@ -79,7 +94,9 @@ def start_potentials(init, shift, shape, dtype, device):
     B, N, M = shape
     if init is None:
         init = tuple(torch.zeros((B, n), dtype=dtype, device=device) for n in (N, M))
-    return tuple(pot.masked_fill(~torch.isfinite(pot), 0.0) - off for pot, off in zip(init, shift))
+    f, g = (pot.masked_fill(~torch.isfinite(pot), 0.0) for pot in init)
+    rf, rg = in_cost_units(torch.zeros_like(f), torch.zeros_like(g), shift)
+    return f - rf, g - rg
 
 
 class Problem:

@@ -6,7 +6,8 @@ import torch
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import MultiAssignmentResult
-from ._loop import Problem, converged, cost_shift, make_steps, run_loop, unbatch
+from ._loop import Problem, converged, cost_shift, make_steps, run_loop, start_potentials, unbatch
+from ._numerics import in_cost_units, shifted_cost
 
 _GRADS = ("none", "unroll")
 
@@ -24,15 +25,13 @@ class _MultiAssignmentProblem(Problem):
     and likewise for ``v`` with the column targets ``c_j = k N b_j``.
     """
 
-    def __init__(self, steps, cost, k, col_target, shift):
+    def __init__(self, steps, cost, k, col_target, shift, start):
         self.steps, self.cost, self.shift = steps, cost, shift
         B, N, M = cost.shape
         self.log_k, self.log_not_k = math.log(k), math.log(M - k)
         self.log_c, self.log_not_c = col_target.log(), (N - col_target).log()
         self.k = k
-        # 0 in the cost's own units, so the first iterates are the textbook ones.
-        self.u = -shift[0].expand(B, N).to(col_target.dtype)
-        self.v = -shift[1].expand(B, M).to(col_target.dtype)
+        self.u, self.v = start
 
     def step(self, eps):
         l1, l0 = self.steps.row_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift)
@@ -92,14 +91,14 @@ def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=Non
     cost3, batched = V.check_cost(cost)
     N, M = cost3.shape[1:]
     k = V.check_k(k, M)
-    eps = V.check_positive(eps, "eps")
+    eps = V.check_positive_scalar(eps, "eps")
     n_iters = V.check_n_iters(n_iters)
     tol = V.check_tol(tol)
     V.check_choice(grad, "grad", _GRADS)
     bw = V.check_marginal(b, "b", cost3, 2, batched)
     name = resolve_backend(backend, cost3.device)
     V.check_grad_backend(grad, name)
-    forbidden, row_min = V.check_cost_values(cost3)
+    forbidden, stats = V.check_cost_values(cost3)
     V.check_marginal_values(bw, "b")
     if not torch.allclose(bw.sum(-1), torch.ones_like(bw[..., 0]), rtol=0, atol=1e-5):
         raise ValueError(f"b must sum to 1 (column j receives k * N * b_j, rows k each); "
@@ -112,17 +111,23 @@ def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=Non
 
     dtype = V.compute_dtype(cost3)
     # Row and column sums are fixed, so constants added to rows or columns do not change X.
-    shift = cost_shift(cost3, row_min, dtype, per_line=True, unroll=grad == "unroll")
-    steps = make_steps(name, grad, cost3, dtype, shift, forbidden, scaled=False)
     unroll = grad == "unroll"
+    shift = cost_shift(stats, dtype, per_line=True, unroll=unroll)
+    steps = make_steps(name, grad, cost3, dtype, shift, forbidden, scaled=False)
     loop_cost = cost3 if unroll else cost3.detach()
+    # 0 in the cost's own units, so that the first iterates are the textbook ones.
+    start = start_potentials(None, shift, cost3.shape, dtype, cost3.device)
+    step_shift = shift
+    if name == "torch" and shift is not None and isinstance(loop_cost, torch.Tensor):
+        # the reference steps would redo the compensated subtraction in every pass
+        loop_cost, step_shift = shifted_cost(loop_cost, dtype, shift), None
     with torch.set_grad_enabled(unroll):
         problem = _MultiAssignmentProblem(steps, loop_cost, k, target.clamp(max=N) if unroll
-                                          else target.detach().clamp(max=N), shift)
+                                          else target.detach().clamp(max=N), step_shift, start)
         iters, err = run_loop(problem, eps, n_iters, tol, [], "multi_assignment_sinkhorn")
-        assignment = torch.sigmoid(steps.log_plan(loop_cost, problem.u, problem.v, eps, shift=shift))
+        assignment = torch.sigmoid(steps.log_plan(loop_cost, problem.u, problem.v, eps, shift=step_shift))
     conv = converged(err, tol, k * N)
+    u, v = in_cost_units(problem.u, problem.v, shift)
     return MultiAssignmentResult(
-        assignment=unbatch(assignment, batched), f=unbatch(problem.u + shift[0], batched),
-        g=unbatch(problem.v + shift[1], batched),
+        assignment=unbatch(assignment, batched), f=unbatch(u, batched), g=unbatch(v, batched),
         n_iters=iters, marginal_error=unbatch(err, batched), converged=unbatch(conv, batched))

@@ -6,7 +6,7 @@ from .._backend import resolve_backend
 from ..results import PartialOTResult
 from ._loop import (GRADS, Problem, converged, cost_shift, fold, make_steps, max_change, run_loop, unbatch,
                     value_of)
-from ._numerics import no_mass
+from ._numerics import in_cost_units, no_mass, weighted_exp
 from .sinkhorn import _dot
 
 METHODS = ("bregman", "dummy")
@@ -14,6 +14,11 @@ METHODS = ("bregman", "dummy")
 
 def _lse(x, dim=-1):
     return torch.logsumexp(x, dim=dim)
+
+
+def _constant(shift):
+    """The one offset per problem (B,) taken out of the cost, or 0."""
+    return 0.0 if shift is None else shift[0][..., 0]
 
 
 class _BregmanProblem(Problem):
@@ -62,7 +67,7 @@ class _BregmanProblem(Problem):
     def potentials(self, eps):
         """``(f, g)`` in the cost's units with the mass multiplier folded into ``f``."""
         fp, gp = self.plan_potentials(eps)
-        return fp + self.shift[0], gp
+        return in_cost_units(fp, gp, self.shift)
 
     def terms(self, eps):
         steps, shift = self.steps, self.shift
@@ -72,7 +77,7 @@ class _BregmanProblem(Problem):
             r = torch.exp(no_mass((fp + steps.row_lse(cost, gp, eps, shift=shift)) / eps))
             c = torch.exp(no_mass((gp + steps.col_lse(cost, fp, eps, shift=shift)) / eps))
             # eps log P = f + g + t - C: the constant taken out of C comes back once per unit of mass.
-            value = _dot(r, fp) + _dot(c, gp) + (shift[0][..., 0] - eps) * r.sum(-1)
+            value = _dot(r, fp) + _dot(c, gp) + (_constant(shift) - eps) * r.sum(-1)
             return value, None, None, fp, gp
         return terms
 
@@ -130,7 +135,7 @@ class _DummyProblem(Problem):
 
     def potentials(self, eps):
         """``(f, g)`` in the cost's units (the plan is ``a_i b_j exp((f_i + g_j - C_ij)/eps)``)."""
-        return self.f + self.shift[0], self.g
+        return in_cost_units(self.f, self.g, self.shift)
 
     def terms(self, eps):
         f, g, fd, gd, shift = self.f, self.g, self.fd, self.gd, self.shift
@@ -138,13 +143,14 @@ class _DummyProblem(Problem):
         def terms(cost, a, b):
             lr, lrd = self._rows(eps)
             lc, lcd = self._cols(eps)
-            r, rd = a * torch.exp(no_mass((f + lr) / eps)), self.log_ad.exp() * torch.exp((fd + lrd) / eps)
-            c, cd = b * torch.exp(no_mass((g + lc) / eps)), self.log_bd.exp() * torch.exp((gd + lcd) / eps)
-            m_ext = a.sum(-1) + self.log_ad.exp()
+            ad, bd = self.log_ad.exp(), self.log_bd.exp()
+            r, rd = weighted_exp(a, no_mass((f + lr) / eps)), weighted_exp(ad, (fd + lrd) / eps)
+            c, cd = weighted_exp(b, no_mass((g + lc) / eps)), weighted_exp(bd, (gd + lcd) / eps)
+            m_ext = a.sum(-1) + ad
             dummies, dummy_pots = torch.stack([rd, cd], -1), torch.stack([fd, gd], -1)
-            real_mass = m_ext - self.log_ad.exp() - self.log_bd.exp()
+            real_mass = m_ext - ad - bd
             value = (_dot(r, f) + _dot(c, g) + _dot(dummies, dummy_pots)
-                     - eps * (r.sum(-1) + rd - m_ext ** 2) + shift[0][..., 0] * real_mass)
+                     - eps * (r.sum(-1) + rd - m_ext ** 2) + _constant(shift) * real_mass)
             fp, gp = self.plan_potentials(eps)
             return value, None, None, fp, gp
         return terms
@@ -205,7 +211,7 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
         (0.5, True)
     """
     cost3, batched = V.check_cost(cost)
-    eps = V.check_positive(eps, "eps")
+    eps = V.check_positive_scalar(eps, "eps")
     n_iters = V.check_n_iters(n_iters)
     tol = V.check_tol(tol)
     V.check_choice(method, "method", METHODS)
@@ -213,10 +219,10 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
     aw = V.check_marginal(a, "a", cost3, 1, batched)
     bw = V.check_marginal(b, "b", cost3, 2, batched)
     if dummy_cost is not None:
-        dummy_cost = V.check_positive(dummy_cost, "dummy_cost")
+        dummy_cost = V.check_positive_scalar(dummy_cost, "dummy_cost")
     name = resolve_backend(backend, cost3.device)
     V.check_grad_backend(grad, name)
-    forbidden, row_min = V.check_cost_values(cost3)
+    forbidden, stats = V.check_cost_values(cost3)
     V.check_marginal_values(aw, "a")
     V.check_marginal_values(bw, "b")
     m = V.check_mass(mass, aw, bw)
@@ -227,7 +233,7 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
     dtype = V.compute_dtype(cost3)
     # A fixed transported mass makes the plan invariant to a constant added to the cost (not to
     # row or column offsets: the marginals are only bounds).
-    shift = cost_shift(cost3, row_min, dtype, per_line=False, unroll=grad == "unroll")
+    shift = cost_shift(stats, dtype, per_line=False, unroll=grad == "unroll")
     steps = make_steps(name, grad, cost3, dtype, shift, forbidden)
     unroll = grad == "unroll"
     loop_cost = cost3 if unroll else cost3.detach()
