@@ -84,13 +84,17 @@ def check_cost_values(cost3, name="cost"):
     return True
 
 
-def check_marginal_values(w, name):
-    """Finite, non-negative, positive total mass per problem."""
+def check_marginal_values(w, name, total=None):
+    """Finite, non-negative, positive total mass per problem.
+
+    ``total``: the ``(B,)`` total mass when ``w`` is one rank's slice of a
+    sharded marginal (a slice may carry no mass), else ``w.sum(-1)``.
+    """
     if not torch.isfinite(w).all():
         raise ValueError(f"{name} must be finite; got NaN or Inf entries")
     if (w < 0).any():
         raise ValueError(f"{name} must be non-negative; got minimum {w.min().item():.3g}")
-    if (w.sum(-1) <= 0).any():
+    if ((w.sum(-1) if total is None else total) <= 0).any():
         raise ValueError(f"{name} must have positive total mass; got a problem with total mass 0")
 
 
@@ -103,19 +107,27 @@ def check_equal_mass(a, b):
                          f"pass reach= for unbalanced OT")
 
 
-def check_feasible(cost3, a, b, name="cost"):
-    """A row or column with positive mass must have at least one allowed (finite) entry."""
-    allowed = torch.isfinite(cost3)
-    bad_rows = (~allowed.any(-1)) & (a > 0)
-    bad_cols = (~allowed.any(-2)) & (b > 0)
+def check_feasible(cost3, a, b, name="cost", lines=None, offsets=(0, 0)):
+    """A row or column with positive mass must have at least one allowed (finite) entry.
+
+    ``lines``: ``(rows_ok, cols_ok)``, whether each row / column has an
+    allowed entry, when computed elsewhere (a sharded cost, completed across
+    the ranks); ``offsets``: global index of the first local row / column.
+    """
+    if lines is None:
+        allowed = torch.isfinite(cost3)
+        lines = allowed.any(-1), allowed.any(-2)
+    bad_rows = (~lines[0]) & (a > 0)
+    bad_cols = (~lines[1]) & (b > 0)
+    of = (lambda b: f" of problem {b}") if cost3.shape[0] > 1 else (lambda b: "")
     if bad_rows.any():
         idx = bad_rows.nonzero()[0].tolist()
         raise ValueError(f"{name} has a row with positive mass whose entries are all +inf (forbidden): "
-                         f"row {idx[-1]}" + (f" of problem {idx[0]}" if cost3.shape[0] > 1 else ""))
+                         f"row {idx[-1] + offsets[0]}" + of(idx[0]))
     if bad_cols.any():
         idx = bad_cols.nonzero()[0].tolist()
         raise ValueError(f"{name} has a column with positive mass whose entries are all +inf (forbidden): "
-                         f"column {idx[-1]}" + (f" of problem {idx[0]}" if cost3.shape[0] > 1 else ""))
+                         f"column {idx[-1] + offsets[1]}" + of(idx[0]))
 
 
 def check_positive(x, name):
@@ -255,3 +267,66 @@ def check_weight(x, name):
     if not (math.isfinite(x) and x >= 0):
         raise ValueError(f"{name} must be a finite number >= 0; got {x}")
     return float(x)
+
+
+# ----------------------------------------------------------------------------- data-parallel solves
+_SHARD_DIMS = {0: 1, -2: 1, 1: 2, -1: 2}  # shard_dim -> side of the (B, N, M) cost
+
+
+def check_process_group(process_group, shard_dim):
+    """``process_group`` None (then no ``shard_dim``) or a group of an initialised ``torch.distributed``.
+
+    Returns the sharded side of the ``(B, N, M)`` cost (1 rows, 2 columns), or None.
+    """
+    if process_group is None:
+        if shard_dim is not None:
+            raise ValueError(f"shard_dim needs a process_group (the ranks the cost is split across); "
+                             f"got shard_dim={shard_dim!r} with process_group=None")
+        return None
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group needs an initialised torch.distributed "
+                         "(dist.init_process_group); got process_group with no default group")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD) "
+                        f"or None; got {type(process_group).__name__}")
+    if isinstance(shard_dim, bool) or shard_dim not in _SHARD_DIMS:
+        raise ValueError(f"shard_dim must be 0 (-2, rows split across the ranks) or 1 (-1, columns) "
+                         f"with a process_group; got {shard_dim!r}")
+    if dist.get_rank(process_group) < 0:
+        raise ValueError("process_group must contain this process; got a group this rank is not part of")
+    return _SHARD_DIMS[shard_dim]
+
+
+def check_shard_shapes(ndims, shapes, side, name="cost"):
+    """Every rank's cost (``ndims[r]``, ``shapes[r] = (B, N, M)``, -1 = not a tensor) fits one global cost.
+
+    Same number of dimensions and batch size everywhere, the same unsharded
+    size, and a non-empty block on every rank. The arguments are identical on
+    every rank, so every rank raises the same error.
+    """
+    ranks = f"ranks 0..{len(ndims) - 1}"
+    if any(d not in (2, 3) for d in ndims) or len(set(ndims)) > 1:
+        got = ["not a tensor" if d < 0 else f"{d}-D" for d in ndims]
+        raise ValueError(f"{name} must be an (N, M) or (B, N, M) tensor with the same number of dimensions "
+                         f"on every rank of process_group; got {got} on {ranks}")
+    if len({s[0] for s in shapes}) > 1:
+        raise ValueError(f"{name} must have the same batch size B on every rank of process_group (shards "
+                         f"split N or M, never B); got B = {[s[0] for s in shapes]} on {ranks}")
+    other = 3 - side
+    letter, kind = ("N", "row") if side == 1 else ("M", "column")
+    other_letter = "M" if side == 1 else "N"
+    if len({s[other] for s in shapes}) > 1:
+        raise ValueError(f"{name} shards must have the same {other_letter} (the side that is not split, "
+                         f"shard_dim={side - 1}) on every rank of process_group; got "
+                         f"{other_letter} = {[s[other] for s in shapes]} on {ranks}")
+    empty = [r for r, s in enumerate(shapes) if s[side] == 0]
+    if empty:
+        raise ValueError(f"{name} shard on rank {empty[0]} of process_group is empty ({letter} = 0); every "
+                         f"rank must hold at least one {kind} (got {letter} = {[s[side] for s in shapes]})")
+
+
+def check_grad_group(grad, process_group):
+    if grad == "unroll" and process_group is not None:
+        raise ValueError("grad='unroll' is not supported with a process_group (it would need autograd "
+                         "through the all-reduces); got grad='unroll': use grad='envelope' or 'none'")
