@@ -12,6 +12,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ._distributed import LOCAL
+
 
 @dataclass(frozen=True, repr=False)
 class _PlanResult:
@@ -29,6 +31,7 @@ class _PlanResult:
     _steps: Any = field(compare=False)
     _differentiable: bool = field(compare=False)
     _value_fn: Optional[Callable] = field(default=None, compare=False)
+    _shard: Any = field(default=LOCAL, compare=False)  # layout across a process group (data-parallel)
 
     def _out(self, x):
         return x if self._batched else x.squeeze(0)
@@ -105,8 +108,8 @@ class PartialOTResult(_PlanResult):
 
     @cached_property
     def mass(self):
-        """``(…,)`` total mass of the returned plan."""
-        return self.plan.sum(dim=(-2, -1))
+        """``(…,)`` total mass of the returned plan (over every rank's block: collective with a group)."""
+        return self._shard.total_all(self.plan.sum(dim=(-2, -1)))
 
 
 @dataclass(frozen=True, repr=False)

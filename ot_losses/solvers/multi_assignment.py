@@ -3,6 +3,7 @@ import math
 
 import torch
 
+from .. import _distributed as D
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import MultiAssignmentResult
@@ -24,14 +25,15 @@ class _MultiAssignmentProblem(Problem):
     and likewise for ``v`` with the column targets ``c_j = k N b_j``.
     """
 
-    def __init__(self, steps, cost, k, col_target):
-        self.steps, self.cost = steps, cost
-        B, N, M = cost.shape
+    def __init__(self, steps, cost, k, col_target, shard=D.LOCAL):
+        self.steps, self.cost, self.shard = steps, cost, shard
+        B, n, m = cost.shape  # this rank's block
+        N, M = shard.size(cost, 1), shard.size(cost, 2)  # global sizes when the cost is split
         self.log_k, self.log_not_k = math.log(k), math.log(M - k)
         self.log_c, self.log_not_c = col_target.log(), (N - col_target).log()
         self.k = k
-        self.u = torch.zeros((B, N), dtype=col_target.dtype, device=cost.device)
-        self.v = torch.zeros((B, M), dtype=col_target.dtype, device=cost.device)
+        self.u = torch.zeros((B, n), dtype=col_target.dtype, device=cost.device)
+        self.v = torch.zeros((B, m), dtype=col_target.dtype, device=cost.device)
 
     def step(self, eps):
         l1, l0 = self.steps.row_sigmoid_lse(self.cost, self.u, self.v, eps)
@@ -46,11 +48,11 @@ class _MultiAssignmentProblem(Problem):
     def error(self, eps):
         # Columns are exact after the column update; the row error needs one more pass.
         l1, _ = self.steps.row_sigmoid_lse(self.cost, self.u, self.v, eps)
-        return (torch.exp(l1 / eps) - self.k).abs().sum(-1)
+        return self.shard.sum((torch.exp(l1 / eps) - self.k).abs(), D.ROWS)
 
 
 def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=None, grad="none",
-                              backend="auto"):
+                              backend="auto", process_group=None, shard_dim=None):
     """Capacitated multi-assignment: every row takes ``k`` units, each entry at most 1.
 
     Solves ``max_X -<X, C> + eps H_FD(X)`` subject to ``X 1 = k``,
@@ -73,6 +75,11 @@ def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=Non
         grad: ``"none"`` (targets, the usual use) or ``"unroll"`` (autograd
             through the iterations, torch backend only).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        process_group, shard_dim: data-parallel solve of a cost split across
+            the group's ranks on axis ``shard_dim`` (0 rows, 1 columns), as in
+            :func:`ot_losses.sinkhorn`; ``k`` and the column targets refer to
+            the global ``N``, ``M``; ``b`` is this rank's slice when columns
+            are split.
 
     Returns:
         MultiAssignmentResult with ``assignment`` (…, N, M), ``f`` (…, N),
@@ -86,34 +93,42 @@ def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=Non
         >>> torch.allclose(res.assignment.sum(1), torch.full((8,), 3.0, dtype=torch.float64))
         True
     """
-    cost3, batched = V.check_cost(cost)
-    B, N, M = cost3.shape
-    k = V.check_k(k, M)
-    eps = V.check_positive(eps, "eps")
-    n_iters = V.check_n_iters(n_iters)
-    tol = V.check_tol(tol)
-    V.check_choice(grad, "grad", _GRADS)
-    bw = V.check_marginal(b, "b", cost3, 2, batched)
-    name = resolve_backend(backend, cost3.device)
-    V.check_grad_backend(grad, name)
-    forbidden = V.check_cost_values(cost3)
-    V.check_marginal_values(bw, "b")
-    if not torch.allclose(bw.sum(-1), torch.ones_like(bw[..., 0]), rtol=0, atol=1e-5):
-        raise ValueError(f"b must sum to 1 (column j receives k * N * b_j, rows k each); "
-                         f"got sum(b) = {bw.sum(-1).max().item():.8g}")
-    target = k * N * bw
-    if (target > N * (1 + 1e-6)).any():
-        raise ValueError(f"b must satisfy k * N * b_j <= N (each column holds at most N units); "
-                         f"got max k * N * b_j = {target.max().item():.6g} > N = {N}")
-    if forbidden:
-        V.check_feasible(cost3, torch.ones((B, N), dtype=bw.dtype, device=bw.device), bw)
+    shard = D.shard_of(cost, process_group, shard_dim)
+    with shard.checks():  # with a group, an error on any rank is raised on every rank
+        cost3, batched = V.check_cost(cost)
+        N, M = shard.size(cost3, 1), shard.size(cost3, 2)  # global sizes when the cost is split
+        k = V.check_k(k, M)
+        eps = V.check_positive(eps, "eps")
+        n_iters = V.check_n_iters(n_iters)
+        tol = V.check_tol(tol)
+        V.check_choice(grad, "grad", _GRADS)
+        V.check_grad_group(grad, process_group)
+        bw = shard.marginal(b, "b", cost3, 2, batched)
+        name = resolve_backend(backend, cost3.device)
+        V.check_grad_backend(grad, name)
+        forbidden = V.check_cost_values(cost3)
+    mb = shard.sum(bw, D.COLS)
+    forbidden = shard.any(forbidden)
+    lines = shard.lines(cost3) if forbidden else None
+    with shard.checks():
+        V.check_marginal_values(bw, "b", mb)
+        if not torch.allclose(mb, torch.ones_like(mb), rtol=0, atol=1e-5):
+            raise ValueError(f"b must sum to 1 (column j receives k * N * b_j, rows k each); "
+                             f"got sum(b) = {mb.max().item():.8g}")
+        target = k * N * bw
+        if (target > N * (1 + 1e-6)).any():
+            raise ValueError(f"b must satisfy k * N * b_j <= N (each column holds at most N units); "
+                             f"got max k * N * b_j = {target.max().item():.6g} > N = {N}")
+        if forbidden:
+            V.check_feasible(cost3, torch.ones(cost3.shape[:2], dtype=bw.dtype, device=bw.device), bw,
+                             lines=lines, offsets=shard.offsets)
 
-    steps = make_steps(name, grad, cost3, V.compute_dtype(cost3), scaled=False)
+    steps = shard.steps(make_steps(name, grad, cost3, V.compute_dtype(cost3), scaled=False))
     unroll = grad == "unroll"
     loop_cost = cost3 if unroll else cost3.detach()
     with torch.set_grad_enabled(unroll):
         problem = _MultiAssignmentProblem(steps, loop_cost, k, target.clamp(max=N) if unroll
-                                          else target.detach().clamp(max=N))
+                                          else target.detach().clamp(max=N), shard)
         iters, err = run_loop(problem, eps, n_iters, tol, [], "multi_assignment_sinkhorn")
         assignment = torch.sigmoid(steps.log_plan(loop_cost, problem.u, problem.v, eps))
     conv = converged(err, tol, k * N)

@@ -1,6 +1,7 @@
 """Entropic partial optimal transport: Bregman projections or the dummy-point formulation."""
 import torch
 
+from .. import _distributed as D
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import PartialOTResult
@@ -8,10 +9,6 @@ from ._loop import GRADS, Problem, converged, fold, make_steps, max_change, run_
 from .sinkhorn import _dot
 
 METHODS = ("bregman", "dummy")
-
-
-def _lse(x, dim=-1):
-    return torch.logsumexp(x, dim=dim)
 
 
 class _BregmanProblem(Problem):
@@ -23,8 +20,9 @@ class _BregmanProblem(Problem):
     same plan. The mass update reuses the column pass's log-sum-exp.
     """
 
-    def __init__(self, steps, cost, log_a, log_b, log_mass, eps):
+    def __init__(self, steps, cost, log_a, log_b, log_mass, eps, shard=D.LOCAL):
         self.steps, self.cost, self.log_a, self.log_b, self.log_mass = steps, cost, log_a, log_b, log_mass
+        self.shard = shard
         B, N, M = cost.shape
         self.f = cost.new_zeros((B, N), dtype=log_a.dtype)
         self.g = cost.new_zeros((B, M), dtype=log_a.dtype)
@@ -32,7 +30,7 @@ class _BregmanProblem(Problem):
         self._old = None
 
     def _mass_multiplier(self, lc, eps):
-        return eps * self.log_mass - eps * _lse((self.g + lc) / eps)
+        return eps * self.log_mass - eps * self.shard.lse((self.g + lc) / eps, D.COLS)
 
     def step(self, eps):
         zero = torch.zeros((), dtype=self.f.dtype, device=self.f.device)
@@ -48,19 +46,22 @@ class _BregmanProblem(Problem):
 
     def error(self, eps):
         f0, g0, t0 = self._old
-        return torch.stack([max_change(self.f, f0), max_change(self.g, g0), (self.t - t0).abs()]).amax(0)
+        return torch.stack([self.shard.peak(max_change(self.f, f0), D.ROWS),
+                            self.shard.peak(max_change(self.g, g0), D.COLS), (self.t - t0).abs()]).amax(0)
 
     def plan_potentials(self, eps):
         return self.f + self.t.unsqueeze(-1), self.g
 
     def terms(self, eps):
-        steps = self.steps
+        steps, shard = self.steps, self.shard
         fp, gp = self.plan_potentials(eps)
 
         def terms(cost, a, b):
             r = torch.exp((fp + steps.row_lse(cost, gp, eps)) / eps)
             c = torch.exp((gp + steps.col_lse(cost, fp, eps)) / eps)
-            return _dot(r, fp) + _dot(c, gp) - eps * r.sum(-1), None, None, fp, gp
+            value = (shard.total(_dot(r, fp), D.ROWS) + shard.total(_dot(c, gp), D.COLS)
+                     - eps * shard.sum(r, D.ROWS))
+            return value, None, None, fp, gp
         return terms
 
 
@@ -79,8 +80,8 @@ class _DummyProblem(Problem):
     would lose ~1e-4 of the dummy mass to fp32 rounding.
     """
 
-    def __init__(self, steps, cost, log_a, log_b, log_ad, log_bd, xi, corner_excess):
-        self.steps, self.cost = steps, cost
+    def __init__(self, steps, cost, log_a, log_b, log_ad, log_bd, xi, corner_excess, shard=D.LOCAL):
+        self.steps, self.cost, self.shard = steps, cost, shard
         self.log_a, self.log_b, self.log_ad, self.log_bd = log_a, log_b, log_ad, log_bd
         self.xi, self.excess = xi, corner_excess
         B, N, M = cost.shape
@@ -89,19 +90,22 @@ class _DummyProblem(Problem):
         self.fd = cost.new_zeros((B,), dtype=log_a.dtype)  # dummy-row potential minus xi
         self.gd = cost.new_zeros((B,), dtype=log_a.dtype)  # dummy-column potential minus xi
 
-    def _soft(self, lse_block, h, hd, eps):
-        """eps-log-sum-exp over one side's real block (given) and dummy terms: real and dummy outputs."""
+    def _soft(self, lse_block, h, hd, eps, side):
+        """eps-log-sum-exp over one side's real block (given) and dummy terms: real and dummy outputs.
+
+        ``side``: the side ``h`` lives on (its sum may span the ranks).
+        """
         real = eps * torch.logaddexp(lse_block / eps, hd.unsqueeze(-1) / eps)
-        dummy = eps * torch.logaddexp(_lse(h / eps), (hd - self.excess) / eps)
+        dummy = eps * torch.logaddexp(self.shard.lse(h / eps, side), (hd - self.excess) / eps)
         return real, dummy
 
     def _rows(self, eps):
         h, hd = fold(self.g, self.log_b, eps), fold(self.gd, self.log_bd, eps)
-        return self._soft(self.steps.row_lse(self.cost, h, eps), h, hd, eps)
+        return self._soft(self.steps.row_lse(self.cost, h, eps), h, hd, eps, D.COLS)
 
     def _cols(self, eps):
         h, hd = fold(self.f, self.log_a, eps), fold(self.fd, self.log_ad, eps)
-        return self._soft(self.steps.col_lse(self.cost, h, eps), h, hd, eps)
+        return self._soft(self.steps.col_lse(self.cost, h, eps), h, hd, eps, D.ROWS)
 
     def step(self, eps):
         lr, lrd = self._rows(eps)
@@ -113,7 +117,7 @@ class _DummyProblem(Problem):
         lr, lrd = self._rows(eps)
         r = torch.exp(fold(self.f + lr, self.log_a, eps) / eps)
         rd = torch.exp(fold(self.fd + lrd, self.log_ad, eps) / eps)
-        return (r - self.log_a.exp()).abs().sum(-1) + (rd - self.log_ad.exp()).abs()
+        return self.shard.sum((r - self.log_a.exp()).abs(), D.ROWS) + (rd - self.log_ad.exp()).abs()
 
     def plan_potentials(self, eps):
         return fold(self.f, self.log_a, eps), fold(self.g, self.log_b, eps)
@@ -126,17 +130,18 @@ class _DummyProblem(Problem):
             lc, lcd = self._cols(eps)
             r, rd = a * torch.exp((f + lr) / eps), self.log_ad.exp() * torch.exp((fd + lrd) / eps)
             c, cd = b * torch.exp((g + lc) / eps), self.log_bd.exp() * torch.exp((gd + lcd) / eps)
-            m_ext = a.sum(-1) + self.log_ad.exp()
+            shard = self.shard
+            m_ext = shard.sum(a, D.ROWS) + self.log_ad.exp()
             dummies, dummy_pots = torch.stack([rd, cd], -1), torch.stack([fd, gd], -1) + self.xi.unsqueeze(-1)
-            value = (_dot(r, f) + _dot(c, g) + _dot(dummies, dummy_pots)
-                     - eps * (r.sum(-1) + rd - m_ext ** 2))
+            value = (shard.total(_dot(r, f), D.ROWS) + shard.total(_dot(c, g), D.COLS)
+                     + _dot(dummies, dummy_pots) - eps * (shard.sum(r, D.ROWS) + rd - m_ext ** 2))
             fp, gp = self.plan_potentials(eps)
             return value, None, None, fp, gp
         return terms
 
 
 def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, method="bregman",
-               dummy_cost=None, grad="envelope", backend="auto"):
+               dummy_cost=None, grad="envelope", backend="auto", process_group=None, shard_dim=None):
     """Entropic partial optimal transport: move only ``mass`` from ``a`` to ``b``.
 
     Finds a plan ``P >= 0`` with ``P 1 <= a``, ``P^T 1 <= b`` and total mass
@@ -171,6 +176,10 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
             plan unchanged (only the corner's excess ``max C`` matters).
         grad: ``"envelope"`` (d value / d cost = plan), ``"unroll"`` or ``"none"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        process_group, shard_dim: data-parallel solve of a cost split across
+            the group's ranks on axis ``shard_dim`` (0 rows, 1 columns), as in
+            :func:`ot_losses.sinkhorn`; ``mass``, ``value``, ``transport_cost``,
+            ``marginal_error`` are global (and collective to access).
 
     Returns:
         PartialOTResult with ``plan``/``log_plan`` (…, N, M), ``mass``,
@@ -185,51 +194,59 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
         >>> round(float(res.mass), 6), bool((res.plan.sum(1) <= 1 / 6 + 1e-9).all())
         (0.5, True)
     """
-    cost3, batched = V.check_cost(cost)
-    eps = V.check_positive(eps, "eps")
-    n_iters = V.check_n_iters(n_iters)
-    tol = V.check_tol(tol)
-    V.check_choice(method, "method", METHODS)
-    V.check_choice(grad, "grad", GRADS)
-    aw = V.check_marginal(a, "a", cost3, 1, batched)
-    bw = V.check_marginal(b, "b", cost3, 2, batched)
-    if dummy_cost is not None:
-        dummy_cost = V.check_positive(dummy_cost, "dummy_cost")
-    name = resolve_backend(backend, cost3.device)
-    V.check_grad_backend(grad, name)
-    forbidden = V.check_cost_values(cost3)
-    V.check_marginal_values(aw, "a")
-    V.check_marginal_values(bw, "b")
-    m = V.check_mass(mass, aw, bw)
-    if forbidden:
-        V.check_feasible(cost3, aw, bw)
+    shard = D.shard_of(cost, process_group, shard_dim)
+    with shard.checks():  # with a group, an error on any rank is raised on every rank
+        cost3, batched = V.check_cost(cost)
+        eps = V.check_positive(eps, "eps")
+        n_iters = V.check_n_iters(n_iters)
+        tol = V.check_tol(tol)
+        V.check_choice(method, "method", METHODS)
+        V.check_choice(grad, "grad", GRADS)
+        V.check_grad_group(grad, process_group)
+        aw = shard.marginal(a, "a", cost3, 1, batched)
+        bw = shard.marginal(b, "b", cost3, 2, batched)
+        if dummy_cost is not None:
+            dummy_cost = V.check_positive(dummy_cost, "dummy_cost")
+        name = resolve_backend(backend, cost3.device)
+        V.check_grad_backend(grad, name)
+        forbidden = V.check_cost_values(cost3)
+    ma, mb = shard.sum(aw, D.ROWS), shard.sum(bw, D.COLS)
+    forbidden = shard.any(forbidden)
+    lines = shard.lines(cost3) if forbidden else None
+    with shard.checks():
+        V.check_marginal_values(aw, "a", ma)
+        V.check_marginal_values(bw, "b", mb)
+        m = V.check_mass(mass, ma.unsqueeze(-1), mb.unsqueeze(-1))  # totals as one-entry marginals
+        if forbidden:
+            V.check_feasible(cost3, aw, bw, lines=lines, offsets=shard.offsets)
 
     dtype = V.compute_dtype(cost3)
-    steps = make_steps(name, grad, cost3, dtype)
+    steps = shard.steps(make_steps(name, grad, cost3, dtype))
     unroll = grad == "unroll"
     loop_cost = cost3 if unroll else cost3.detach()
     la, lb = (aw, bw) if unroll else (aw.detach(), bw.detach())
     with torch.set_grad_enabled(unroll):
         if method == "bregman":
-            problem = _BregmanProblem(steps, loop_cost, la.log(), lb.log(), m.log(), eps)
+            problem = _BregmanProblem(steps, loop_cost, la.log(), lb.log(), m.log(), eps, shard)
         else:
             finite = torch.where(torch.isfinite(cost3), cost3, torch.zeros((), dtype=cost3.dtype,
                                                                            device=cost3.device))
-            c_max = finite.amax(dim=(-2, -1)).to(dtype)
+            c_max = shard.peak_all(finite.amax(dim=(-2, -1)).to(dtype))
             c_max = c_max if unroll else c_max.detach()
             xi = torch.full_like(c_max, dummy_cost) if dummy_cost is not None else 100 * c_max
-            problem = _DummyProblem(steps, loop_cost, la.log(), lb.log(), (lb.sum(-1) - m).log(),
-                                    (la.sum(-1) - m).log(), xi, c_max)
+            ta, tb = (ma, mb) if unroll else (ma.detach(), mb.detach())
+            problem = _DummyProblem(steps, loop_cost, la.log(), lb.log(), (tb - m).log(),
+                                    (ta - m).log(), xi, c_max, shard)
         iters, err = run_loop(problem, eps, n_iters, tol, [], "partial_ot")
     fp, gp = problem.plan_potentials(eps)
     if method == "bregman":
         scale = torch.full_like(err, eps)
     else:
-        scale = (aw.sum(-1) + bw.sum(-1) - m).detach()
+        scale = (ma + mb - m).detach()
     conv = converged(err, tol, scale)
     return PartialOTResult(
         f=unbatch(problem.f, batched), g=unbatch(problem.g, batched), n_iters=iters,
         marginal_error=unbatch(err, batched), converged=unbatch(conv, batched),
         _cost=loop_cost, _fp=fp, _gp=gp, _eps=eps, _batched=batched,
-        _steps=steps, _differentiable=unroll,
+        _steps=steps, _differentiable=unroll, _shard=shard,
         _value_fn=value_of(grad, cost3, aw, bw, problem.terms(eps), steps, eps))

@@ -3,6 +3,7 @@ import math
 
 import torch
 
+from .. import _distributed as D
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import SinkhornResult
@@ -20,9 +21,9 @@ class _SinkhornProblem(Problem):
     ``count`` balanced iterations at once (the Triton small-problem kernel).
     """
 
-    def __init__(self, steps, cost, log_a, log_b, f, g, rho, fused=None):
+    def __init__(self, steps, cost, log_a, log_b, f, g, rho, fused=None, shard=D.LOCAL):
         self.steps, self.cost, self.log_a, self.log_b = steps, cost, log_a, log_b
-        self.f, self.g, self.rho, self.fused = f, g, rho, fused
+        self.f, self.g, self.rho, self.fused, self.shard = f, g, rho, fused, shard
         self._old = None
 
     def run(self, eps, count):
@@ -40,11 +41,12 @@ class _SinkhornProblem(Problem):
 
     def error(self, eps):
         if self.rho is not None:  # the optimum does not meet the marginals: report the potential change
-            return torch.maximum(max_change(self.f, self._old[0]), max_change(self.g, self._old[1]))
+            return torch.maximum(self.shard.peak(max_change(self.f, self._old[0]), D.ROWS),
+                                 self.shard.peak(max_change(self.g, self._old[1]), D.COLS))
         # Columns are exact after the column update; rows: r_i = a_i exp((f_i + L_i)/eps).
         lr = self.steps.row_lse(self.cost, fold(self.g, self.log_b, eps), eps)
         r = torch.exp(fold(self.f + lr, self.log_a, eps) / eps)
-        return (r - self.log_a.exp()).abs().sum(-1)
+        return self.shard.sum((r - self.log_a.exp()).abs(), D.ROWS)
 
 
 def _kl(r, log_ratio, w):
@@ -57,8 +59,11 @@ def _dot(x, pot):
     return torch.where(x > 0, x * pot, torch.zeros_like(x)).sum(-1)
 
 
-def _value_terms(steps, eps, rho, f, g):
-    """Closure evaluating the objective at potentials ``(f, g)`` for :class:`EnvelopeValue`."""
+def _value_terms(steps, eps, rho, f, g, shard=D.LOCAL):
+    """Closure evaluating the objective at potentials ``(f, g)`` for :class:`EnvelopeValue`.
+
+    Sums over a side go through ``shard`` (complete across the ranks when that side is split).
+    """
 
     def terms(cost, a, b):
         log_a, log_b = a.log(), b.log()
@@ -67,15 +72,16 @@ def _value_terms(steps, eps, rho, f, g):
         lc = steps.col_lse(cost, fp, eps)
         log_rr, log_cr = (f + lr) / eps, (g + lc) / eps  # log(r / a), log(c / b)
         r, c = a * log_rr.exp(), b * log_cr.exp()
-        ma, mb = a.sum(-1), b.sum(-1)
-        value = _dot(r, f) + _dot(c, g) - eps * (r.sum(-1) - ma * mb)
+        ma, mb = shard.sum(a, D.ROWS), shard.sum(b, D.COLS)
+        value = (shard.total(_dot(r, f), D.ROWS) + shard.total(_dot(c, g), D.COLS)
+                 - eps * (shard.sum(r, D.ROWS) - ma * mb))
         da = f - eps * (log_rr.exp() - mb.unsqueeze(-1))
         db = g - eps * (log_cr.exp() - ma.unsqueeze(-1))
         if rho is not None:
             for i, (rh, w, x, lx) in enumerate(((rho[0], a, r, log_rr), (rho[1], b, c, log_cr))):
                 if math.isinf(rh):
                     continue
-                value = value + rh * _kl(x, lx, w)
+                value = value + rh * shard.total(_kl(x, lx, w), (D.ROWS, D.COLS)[i])
                 # d/da of -rho <a, exp(-f/rho) - 1> replaces the balanced f term.
                 pot = f if i == 0 else g
                 dual = rh * (1 - torch.exp(-pot / rh)) - pot
@@ -86,7 +92,7 @@ def _value_terms(steps, eps, rho, f, g):
 
 
 def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=None, init=None,
-             eps_schedule=None, grad="envelope", backend="auto"):
+             eps_schedule=None, grad="envelope", backend="auto", process_group=None, shard_dim=None):
     """Entropic optimal transport between ``a`` and ``b`` for ``cost``, in the log domain.
 
     Solves ``min_P <P, C> + eps KL(P || a b^T)`` subject to ``P 1 = a``,
@@ -128,6 +134,18 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
             loop), ``"unroll"`` (autograd through the iterations, torch only)
             or ``"none"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        process_group: a ``torch.distributed`` group whose ranks each hold a
+            block of the global cost (None: one process). Only partial
+            log-sum-exps of the unsplit side's size are all-reduced per
+            half-step; the result is the one-process result on the whole
+            cost restricted to this rank's block (``f``, ``plan`` local when
+            rows are split; ``g``, ``value``, ``marginal_error``,
+            ``converged``, ``n_iters`` global). ``value`` and
+            ``transport_cost`` are then collective: access them on every rank.
+        shard_dim: with ``process_group``, the split axis of the global
+            cost: 0 (or -2) rows, 1 (or -1) columns; the split side's
+            marginal is this rank's slice (None = uniform over the global
+            size), the other marginal the whole one.
 
     Returns:
         SinkhornResult with ``f`` (…, N), ``g`` (…, M), lazy ``plan`` /
@@ -150,29 +168,36 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
     References: Cuturi (2013); Schmitzer (2019) for the stabilised scaling;
     Chizat et al. (2018) and Sejourne et al. (2019) for the unbalanced updates.
     """
-    cost3, batched = V.check_cost(cost)
-    eps = V.check_positive(eps, "eps")
-    n_iters = V.check_n_iters(n_iters)
-    tol = V.check_tol(tol)
-    rho = V.check_reach(reach)
-    schedule = V.check_eps_schedule(eps_schedule, eps)
-    V.check_choice(grad, "grad", GRADS)
-    aw = V.check_marginal(a, "a", cost3, 1, batched)
-    bw = V.check_marginal(b, "b", cost3, 2, batched)
-    init = V.check_init(init, cost3, batched)
-    name = resolve_backend(backend, cost3.device)
-    V.check_grad_backend(grad, name)
-    forbidden = V.check_cost_values(cost3)
-    V.check_marginal_values(aw, "a")
-    V.check_marginal_values(bw, "b")
-    if rho is None or all(math.isinf(r) for r in rho):
-        rho = None
-        V.check_equal_mass(aw, bw)
-    if forbidden:
-        V.check_feasible(cost3, aw, bw)
+    shard = D.shard_of(cost, process_group, shard_dim)
+    with shard.checks():  # with a group, an error on any rank is raised on every rank
+        cost3, batched = V.check_cost(cost)
+        eps = V.check_positive(eps, "eps")
+        n_iters = V.check_n_iters(n_iters)
+        tol = V.check_tol(tol)
+        rho = V.check_reach(reach)
+        schedule = V.check_eps_schedule(eps_schedule, eps)
+        V.check_choice(grad, "grad", GRADS)
+        V.check_grad_group(grad, process_group)
+        aw = shard.marginal(a, "a", cost3, 1, batched)
+        bw = shard.marginal(b, "b", cost3, 2, batched)
+        init = V.check_init(init, cost3, batched)
+        name = resolve_backend(backend, cost3.device)
+        V.check_grad_backend(grad, name)
+        forbidden = V.check_cost_values(cost3)
+    ma, mb = shard.sum(aw, D.ROWS), shard.sum(bw, D.COLS)
+    forbidden = shard.any(forbidden)
+    lines = shard.lines(cost3) if forbidden else None
+    with shard.checks():
+        V.check_marginal_values(aw, "a", ma)
+        V.check_marginal_values(bw, "b", mb)
+        if rho is None or all(math.isinf(r) for r in rho):
+            rho = None
+            V.check_equal_mass(ma.unsqueeze(-1), mb.unsqueeze(-1))  # totals as one-entry marginals
+        if forbidden:
+            V.check_feasible(cost3, aw, bw, lines=lines, offsets=shard.offsets)
 
     dtype = V.compute_dtype(cost3)
-    steps = make_steps(name, grad, cost3, dtype)
+    steps = shard.steps(make_steps(name, grad, cost3, dtype))
     B, N, M = cost3.shape
     if init is None:
         init = (cost3.new_zeros((B, N), dtype=dtype), cost3.new_zeros((B, M), dtype=dtype))
@@ -184,13 +209,13 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
         fused = None
         if name == "triton" and rho is None and steps.balanced_small_supported(N, M, dtype):
             fused = steps.balanced_small  # all iterations between checks in one launch
-        problem = _SinkhornProblem(steps, loop_cost, log_a, log_b, f, g, rho, fused)
+        problem = _SinkhornProblem(steps, loop_cost, log_a, log_b, f, g, rho, fused, shard)
         iters, err = run_loop(problem, eps, n_iters, tol, schedule, "sinkhorn")
     f, g = problem.f, problem.g  # outside "unroll" the loop ran without grad: already detached
-    scale = aw.sum(-1).detach() if rho is None else torch.full_like(err, eps)
+    scale = ma.detach() if rho is None else torch.full_like(err, eps)
     return SinkhornResult(
         f=unbatch(f, batched), g=unbatch(g, batched), n_iters=iters, marginal_error=unbatch(err, batched),
         converged=unbatch(converged(err, tol, scale), batched),
         _cost=loop_cost, _fp=fold(f, log_a, eps), _gp=fold(g, log_b, eps), _eps=eps,
         _batched=batched, _steps=steps, _differentiable=unroll,
-        _value_fn=value_of(grad, cost3, aw, bw, _value_terms(steps, eps, rho, f, g), steps, eps))
+        _value_fn=value_of(grad, cost3, aw, bw, _value_terms(steps, eps, rho, f, g, shard), steps, eps))
