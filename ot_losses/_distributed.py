@@ -220,6 +220,8 @@ class Shard(Local):
         errors = [None] * world
         mine = None if error is None else (type(error).__name__, str(error))
         dist.all_gather_object(errors, mine, group=self.group)
+        if error is not None and all(e == mine for e in errors):
+            raise error  # the same error everywhere (e.g. a bad scalar argument): as without a group
         rank = next(r for r, e in enumerate(errors) if e is not None)
         kind, message = errors[rank]
         raised = _ERRORS.get(kind, RuntimeError)(f"{message} (raised on rank {rank} of process_group)")
