@@ -29,6 +29,7 @@ Collectives are blocking and issued in the same order on every rank: a
 result's lazy ``value``, ``transport_cost`` and ``mass`` are collective too.
 """
 import contextlib
+import warnings
 
 import torch
 
@@ -273,3 +274,98 @@ class ShardedSteps:
 
     def balanced_small_supported(self, n, m, dtype=torch.float32):
         return False
+
+
+# ----------------------------------------------------------------------------- losses
+def loss_group(process_group):
+    """Check a loss's ``process_group`` (None or a group this process belongs to); returns it."""
+    if process_group is not None:
+        V.check_process_group(process_group, 0)
+    return process_group
+
+
+def _sizes(n, group, device):
+    """Every rank's ``n`` (rows of its local batch), in rank order."""
+    import torch.distributed as dist
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t, group=group)
+    return [int(x.item()) for x in out]
+
+
+class _GatherRows(torch.autograd.Function):
+    """Concatenate every rank's rows (uneven counts allowed); backward sums the gradients of all ranks.
+
+    Rank ``s``'s rows feed every rank's loss, so their gradient is the sum over
+    ranks of each loss's gradient w.r.t. them: one all-reduce of the gathered
+    gradient, then this rank's slice (any backend; gloo has no reduce-scatter).
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, sizes):
+        import torch.distributed as dist
+        rank = dist.get_rank(group)
+        width = max(sizes)
+        padded = x.new_zeros((width, *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        ctx.group, ctx.start, ctx.n = group, sum(sizes[:rank]), x.shape[0]
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.start: ctx.start + ctx.n], None, None
+
+
+def gather_rows(x, group):
+    """``(cat over ranks of x, offset of this rank's rows)``; differentiable (see :class:`_GatherRows`)."""
+    import torch.distributed as dist
+    sizes = _sizes(x.shape[0], group, x.device)
+    return _GatherRows.apply(x, group, sizes), sum(sizes[: dist.get_rank(group)])
+
+
+def rank_slice(n, group):
+    """This rank's ``slice`` of ``n`` rows split into near-equal consecutive parts (rank order).
+
+    Used for a buffer that is identical on every rank (a queue of gathered
+    past batches): each rank takes its part into the sharded OT problem, so
+    every row is counted once.
+    """
+    import torch.distributed as dist
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    bounds = [n * r // world for r in range(world + 1)]
+    return slice(bounds[rank], bounds[rank + 1])
+
+
+def total_rows(n, group, device):
+    """Sum over the ranks of ``n``."""
+    return sum(_sizes(n, group, device))
+
+
+def warn_if_diverged(module, group):
+    """Warn (once per module) when ``module``'s parameters differ across the ranks of ``group``.
+
+    A loss module outside the ``DistributedDataParallel`` wrapper gets only
+    its local gradients, so its prototypes/anchors drift apart silently. Two
+    all-reduces of a per-parameter fingerprint; the same decision on every rank.
+    """
+    if group is None or getattr(module, "_replicas_warned", False):
+        return
+    params = [p.detach().double() for p in module.parameters()]
+    if not params:
+        return
+    import torch.distributed as dist
+    fingerprint = torch.stack([torch.stack([p.sum(), p.square().sum()]) for p in params]).flatten()
+    lo, hi = fingerprint.clone(), fingerprint.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(lo, hi):
+        warnings.warn(f"{type(module).__name__}: parameters differ across the ranks of process_group; "
+                      f"keep the loss module inside the DistributedDataParallel wrapper with the encoders "
+                      f"(or average its gradients) so every rank trains the same prototypes/anchors",
+                      RuntimeWarning, stacklevel=3)
+        module._replicas_warned = True

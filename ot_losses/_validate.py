@@ -330,3 +330,11 @@ def check_grad_group(grad, process_group):
     if grad == "unroll" and process_group is not None:
         raise ValueError("grad='unroll' is not supported with a process_group (it would need autograd "
                          "through the all-reduces); got grad='unroll': use grad='envelope' or 'none'")
+
+
+def check_l2rm_group(process_group):
+    if process_group is not None:
+        raise ValueError("process_group is not supported by the L2RM loss (its column softmax spans the "
+                         "global (N, N) similarity and its learned cost steps outside DDP); got a group: "
+                         "gather the embeddings with torch.distributed.nn.functional.all_gather, build the "
+                         "global sim on every rank and call l2rm_loss without process_group")

@@ -58,7 +58,7 @@ def _sym_kl(sim, plan, tau):
 
 
 def l2rm_loss(sim, *, cost=None, mass=0.1, eps=0.07, tau=0.05, forbid_diagonal=True, n_iters=1000,
-              tol=1e-6, backend="auto", return_details=False):
+              tol=1e-6, backend="auto", process_group=None, return_details=False):
     """Symmetric KL between the model's matching distributions and a partial-OT rematching.
 
     Plan: ``partial_ot(cost, mass=mass, eps=eps, method="dummy")`` with uniform
@@ -80,6 +80,13 @@ def l2rm_loss(sim, *, cost=None, mass=0.1, eps=0.07, tau=0.05, forbid_diagonal=T
         forbid_diagonal: forbid the given pairs ``(i, i)`` (L2RM: whenever noise > 0).
         n_iters, tol: solver iteration cap and tolerance (see :func:`ot_losses.partial_ot`).
         backend: solver backend passed to :func:`ot_losses.partial_ot`.
+        process_group: must be None. A sharded L2RM would need autograd through
+            the column softmax of the global (N, N) similarity and a learned
+            cost net whose own optimiser steps outside DDP; for data-parallel
+            training, gather the embeddings with gradient
+            (``torch.distributed.nn.functional.all_gather``), build the global
+            ``sim`` on every rank and call this loss without a group: DDP's
+            gradient average then equals one process on the whole batch.
         return_details: also return an :class:`L2RMDetails`.
 
     Returns:
@@ -99,6 +106,7 @@ def l2rm_loss(sim, *, cost=None, mass=0.1, eps=0.07, tau=0.05, forbid_diagonal=T
     Reference: Han et al., "Learning to Rematch Mismatched Pairs for Robust
     Cross-Modal Retrieval" (CVPR 2024); dummy-point partial OT of Chapel et al. (2020).
     """
+    V.check_l2rm_group(process_group)
     V.check_matrix(sim, "sim", cols_desc="m")
     if cost is not None:
         V.check_matrix(cost, "cost", cols_desc="m")
@@ -174,6 +182,7 @@ class L2RMLoss(nn.Module):
         batch_size: columns m of the similarity matrices (L2RM: 128).
         mass, eps, tau, forbid_diagonal, n_iters, tol, backend: as in :func:`l2rm_loss`.
         lr_cost: learning rate of the cost net (L2RM: 2e-6).
+        process_group: must be None (see :func:`l2rm_loss` for data-parallel use).
 
     Example:
         >>> import torch
@@ -184,8 +193,9 @@ class L2RMLoss(nn.Module):
     """
 
     def __init__(self, batch_size, *, mass=0.1, eps=0.07, tau=0.05, forbid_diagonal=True, n_iters=1000,
-                 tol=1e-6, lr_cost=2e-6, backend="auto"):
+                 tol=1e-6, lr_cost=2e-6, backend="auto", process_group=None):
         super().__init__()
+        V.check_l2rm_group(process_group)
         V.check_positive(tau, "tau")
         V.check_positive(eps, "eps")
         V.check_positive(lr_cost, "lr_cost")

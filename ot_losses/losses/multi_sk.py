@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..solvers.multi_assignment import multi_assignment_sinkhorn
+from .. import _distributed as D
 from .. import _validate as V
 from ._common import loss_dtype, no_autocast
 from .info_nce import info_nce_loss
@@ -45,7 +46,7 @@ def _rowwise_minmax(x):
     return torch.where(flat, x, (x - lo) / torch.where(flat, torch.ones_like(span), span))
 
 
-def multi_sk_targets(target, *, k=None, eps=0.07, n_iters=20, queue=None, backend="auto"):
+def multi_sk_targets(target, *, k=None, eps=0.07, n_iters=20, queue=None, backend="auto", process_group=None):
     """Soft multi-assignment targets of the last N rows, no gradient.
 
     ``X = multi_assignment_sinkhorn(-0.75 * [queue; target], k, eps=eps, n_iters=n_iters).assignment``
@@ -60,6 +61,9 @@ def multi_sk_targets(target, *, k=None, eps=0.07, n_iters=20, queue=None, backen
         n_iters: solver iterations (official: 20).
         queue: optional (Q, K) (or (B, Q, K)) past scores against the same anchors, prepended.
         backend: solver backend passed to :func:`ot_losses.multi_assignment_sinkhorn`.
+        process_group: a ``torch.distributed`` group across which the rows
+            (``target`` and ``queue``: this rank's) are split; the column
+            capacities then hold over the global batch. None: one process.
 
     Returns:
         ``(targets, assignment, result)``: (…, N, K), (…, N, K) and the solver result.
@@ -73,7 +77,8 @@ def multi_sk_targets(target, *, k=None, eps=0.07, n_iters=20, queue=None, backen
         if queue is not None and queue.shape[0] > 0:
             s = torch.cat([queue.detach().to(dtype), s], dim=-2)
         res = multi_assignment_sinkhorn(-_SCORE_SCALE * s, k, eps=eps, n_iters=n_iters, grad="none",
-                                        backend=backend)
+                                        backend=backend, process_group=process_group,
+                                        shard_dim=None if process_group is None else -2)
         x = res.assignment[..., -target.shape[-2]:, :].to(dtype)
         return _rowwise_minmax(x), x, res
 
@@ -89,7 +94,7 @@ def _bce_exp_logits(pred, target, temperature):
 
 
 def multi_sk_loss(pred, target, *, k=None, eps=0.07, n_iters=20, temperature=0.1, queue=None,
-                  backend="auto", return_details=False):
+                  backend="auto", process_group=None, return_details=False):
     """Multi-SK consistency: BCE of ``exp(pred / T)`` against the multi-assignment of ``target``.
 
     ``L = mean_{i,j} BCEWithLogits(exp(pred_ij / T), Y_ij)``,
@@ -104,6 +109,10 @@ def multi_sk_loss(pred, target, *, k=None, eps=0.07, n_iters=20, temperature=0.1
         temperature: positive float ``T`` of the logits ``exp(pred / T)`` (official 0.1).
         queue: optional (Q, K) past target scores against the same anchors.
         backend: solver backend passed to :func:`ot_losses.multi_assignment_sinkhorn`.
+        process_group: a ``torch.distributed`` group across which the batch is
+            split (``pred``, ``target``, ``queue``: this rank's rows): targets
+            from the global batch, loss averaged over this rank's rows, so
+            DDP with equal local batches equals one process on the whole batch.
         return_details: also return a :class:`MultiSKDetails`.
 
     Returns:
@@ -132,7 +141,9 @@ def multi_sk_loss(pred, target, *, k=None, eps=0.07, n_iters=20, temperature=0.1
         V.check_matrix(queue, "queue", cols=pred.shape[1], cols_desc="K")
     V.check_devices(pred, "pred", (target, "target"), (queue, "queue"))
     V.check_positive(temperature, "temperature")
-    y, x, res = multi_sk_targets(target, k=k, eps=eps, n_iters=n_iters, queue=queue, backend=backend)
+    D.loss_group(process_group)
+    y, x, res = multi_sk_targets(target, k=k, eps=eps, n_iters=n_iters, queue=queue, backend=backend,
+                                 process_group=process_group)
     dtype = loss_dtype(pred, target)
     with no_autocast(pred.device):
         loss = _bce_exp_logits(pred.to(dtype), y.to(dtype), temperature)
@@ -169,6 +180,12 @@ class MultiSKLoss(nn.Module):
         k, eps, n_iters, temperature, backend: as in :func:`multi_sk_loss`.
         info_nce_weight: weight of an added :func:`info_nce_loss` on the joint embeddings.
         info_nce_temperature: its temperature (official NormSoftmax: 0.05).
+        process_group: ``torch.distributed`` group for data-parallel training
+            (see :func:`multi_sk_loss`). The queues then hold the gathered
+            global batches (identical on every rank, ``queue_size`` counts
+            global rows), each rank feeding its share to the OT problem. Keep
+            the module inside the ``DistributedDataParallel`` wrapper with the
+            encoders; in training mode it warns if its anchors differ across ranks.
 
     Example:
         >>> import torch
@@ -178,8 +195,10 @@ class MultiSKLoss(nn.Module):
     """
 
     def __init__(self, dims, n_anchors=64, *, queue_size=5500, k=None, eps=0.07, n_iters=20,
-                 temperature=0.1, info_nce_weight=0.0, info_nce_temperature=0.05, backend="auto"):
+                 temperature=0.1, info_nce_weight=0.0, info_nce_temperature=0.05, backend="auto",
+                 process_group=None):
         super().__init__()
+        self.process_group = D.loss_group(process_group)
         if isinstance(dims, int):
             dims = (dims, dims, dims)
         dims_ok = isinstance(dims, (tuple, list)) and len(dims) == 3
@@ -220,6 +239,9 @@ class MultiSKLoss(nn.Module):
             if f.shape[0] != n:
                 raise ValueError(f"{name} must have N={n} rows like x_a; got {tuple(f.shape)}")
         V.check_devices(x_a, "x_a", *zip(feats[1:], names[1:]))
+        group = self.process_group
+        if self.training:
+            D.warn_if_diverged(self, group)
         feats = {nm: F.normalize(f, dim=1) for nm, f in zip(names, feats)}
         anchors = {"in_a": F.normalize(self.anchors_in_a, dim=1),
                    "in_b": F.normalize(self.anchors_in_b, dim=1),
@@ -232,8 +254,10 @@ class MultiSKLoss(nn.Module):
                 terms.append((f"in_{m}<-joint_{m}[z_{j}]", f"x_{m}", f"in_{m}", f"z_{j}", f"joint_{m}"))
                 terms.append((f"joint_{j}[z_{m}]<-in_{j}", f"z_{m}", f"joint_{j}", f"x_{j}", f"in_{j}"))
         active = self.queue_size == 0 or int(self.queue_count) >= self.queue_size
-        # zero that still reaches the anchors, so backward() works before the queue is full
-        total = 0.0 * sum(a.sum() for a in anchors.values()).to(loss_dtype(*feats.values()))
+        # A zero that still reaches the anchors and every input, so backward() works before the
+        # queue is full, and DistributedDataParallel sees a gradient for every parameter each step.
+        reach = sum(a.sum() for a in anchors.values()) + sum(f.sum() for f in feats.values())
+        total = 0.0 * reach.to(loss_dtype(*feats.values()))
         details = {}
         if active:
             # all terms share (N [+ Q], K): one batched multi-assignment solve instead of len(terms)
@@ -241,12 +265,14 @@ class MultiSKLoss(nn.Module):
                 targets, queues = [], []
                 for _, _, _, tf, ta in terms:
                     targets.append(feats[tf].detach() @ anchors[ta].detach().T)
-                    if self.queue_size > 0:
-                        past = F.normalize(getattr(self, f"queue_{tf}"), dim=1).to(targets[-1].dtype)
+                    if self.queue_size > 0:  # with a group: this rank's share of the (global) queue
+                        part = slice(None) if group is None else D.rank_slice(self.queue_size, group)
+                        past = F.normalize(getattr(self, f"queue_{tf}")[part], dim=1).to(targets[-1].dtype)
                         queues.append(past @ anchors[ta].detach().T)
                 queue = torch.stack(queues) if queues else None
                 y, x, res = multi_sk_targets(torch.stack(targets), k=self.k, eps=self.eps,
-                                             n_iters=self.n_iters, queue=queue, backend=self.backend)
+                                             n_iters=self.n_iters, queue=queue, backend=self.backend,
+                                             process_group=group)
             for t, (key, pf, pa, _, _) in enumerate(terms):
                 pred = feats[pf] @ anchors[pa].T
                 dtype = loss_dtype(pred)
@@ -260,7 +286,7 @@ class MultiSKLoss(nn.Module):
         if self.queue_size > 0 and self.training:
             self._push(feats)
         if self.info_nce_weight > 0:
-            nce = info_nce_loss(z_a, z_b, temperature=self.info_nce_temperature)
+            nce = info_nce_loss(z_a, z_b, temperature=self.info_nce_temperature, process_group=group)
             total = total + self.info_nce_weight * nce
         if return_details:
             return total, MultiSKModuleDetails(terms=details, active=active)
@@ -268,6 +294,8 @@ class MultiSKLoss(nn.Module):
 
     @torch.no_grad()
     def _push(self, feats):
+        if self.process_group is not None:  # the queues hold the global batches, the same on every rank
+            feats = {name: D.gather_rows(f.detach(), self.process_group)[0] for name, f in feats.items()}
         for name, f in feats.items():
             queue = getattr(self, f"queue_{name}")
             f = f.detach().to(queue.dtype)[-self.queue_size:]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..solvers.sinkhorn import sinkhorn
+from .. import _distributed as D
 from .. import _validate as V
 from ._common import loss_dtype, no_autocast
 from .info_nce import info_nce_loss
@@ -38,7 +39,7 @@ class SwAMPDetails:
     n_iters: int
 
 
-def swav_targets(scores, *, eps=0.05, n_iters=3, backend="auto"):
+def swav_targets(scores, *, eps=0.05, n_iters=3, backend="auto", process_group=None):
     """SwAV's ``distributed_sinkhorn`` (world size 1) in the log domain, no gradient.
 
     ``Q = N * sinkhorn(-S^T, eps=eps, n_iters=n_iters).plan^T``: the prototype
@@ -51,19 +52,25 @@ def swav_targets(scores, *, eps=0.05, n_iters=3, backend="auto"):
         eps: positive float, absolute entropic regularisation (score units).
         n_iters: number of Sinkhorn iterations (SwAV: 3).
         backend: solver backend, see :func:`ot_losses.sinkhorn`.
+        process_group: a ``torch.distributed`` group across which the samples
+            are split (``scores`` = this rank's rows): the equipartition holds
+            over the global batch (SwAV's ``distributed_sinkhorn``), with only
+            (K,) partials all-reduced per iteration. None: one process.
 
     Returns:
         ``(Q, result)``: (N, K) tensor whose rows sum to 1, and the solver result.
     """
     with torch.no_grad(), no_autocast(scores.device):
         s = scores.detach().to(loss_dtype(scores))
-        res = sinkhorn(-s.T, eps=eps, n_iters=n_iters, grad="none", backend=backend)
-        q = s.shape[0] * res.plan.T
+        res = sinkhorn(-s.T, eps=eps, n_iters=n_iters, grad="none", backend=backend,
+                       process_group=process_group, shard_dim=None if process_group is None else 1)
+        total = s.shape[0] if process_group is None else D.total_rows(s.shape[0], process_group, s.device)
+        q = total * res.plan.T
     return q, res
 
 
 def swamp_loss(z_a, z_b, prototypes, *, eps=0.05, temperature=0.1, n_iters=3, queue_a=None,
-               queue_b=None, normalize=True, backend="auto", return_details=False):
+               queue_b=None, normalize=True, backend="auto", process_group=None, return_details=False):
     """Swapped cross-entropy between the two members of each pair, SwAV pseudo-labels.
 
     ``L = 1/2 [ -1/N sum_ik Q_b[i,k] log p_a(k|i) - 1/N sum_ik Q_a[i,k] log p_b(k|i) ]``,
@@ -81,6 +88,12 @@ def swamp_loss(z_a, z_b, prototypes, *, eps=0.05, temperature=0.1, n_iters=3, qu
             the last N rows of the targets are used.
         normalize: L2-normalise embeddings, queues and prototypes first.
         backend: solver backend passed to :func:`ot_losses.sinkhorn`.
+        process_group: a ``torch.distributed`` group across which the batch is
+            split; ``z_a``, ``z_b`` (and ``queue_a``, ``queue_b``) are this
+            rank's rows. The pseudo-labels are those of the global batch (plus
+            the global queue) and the loss averages this rank's rows, so DDP
+            with equal local batches trains exactly as one process on the
+            whole batch. None: one process.
         return_details: also return a :class:`SwAMPDetails`.
 
     Returns:
@@ -114,6 +127,7 @@ def swamp_loss(z_a, z_b, prototypes, *, eps=0.05, temperature=0.1, n_iters=3, qu
                     (queue_b, "queue_b"))
     V.check_positive(eps, "eps")
     V.check_positive(temperature, "temperature")
+    D.loss_group(process_group)
 
     if normalize:
         z_a, z_b = F.normalize(z_a, dim=1), F.normalize(z_b, dim=1)
@@ -130,7 +144,7 @@ def swamp_loss(z_a, z_b, prototypes, *, eps=0.05, temperature=0.1, n_iters=3, qu
             if queue is not None and queue.shape[0] > 0:
                 qz = F.normalize(queue, dim=1) if normalize else queue
                 s = torch.cat([(qz.to(prototypes.dtype) @ prototypes.T).detach().to(dtype), s], dim=0)
-        q, res = swav_targets(s, eps=eps, n_iters=n_iters, backend=backend)
+        q, res = swav_targets(s, eps=eps, n_iters=n_iters, backend=backend, process_group=process_group)
         q_parts.append(q[-n:])
         res_parts.append(res)
     q_a, q_b = q_parts
@@ -164,6 +178,14 @@ class SwAMPLoss(nn.Module):
             in place (on this module's own parameter) before each forward, as SwAV.
         info_nce_weight: weight of an added :func:`info_nce_loss` (0: SwAMP alone).
         info_nce_temperature: its temperature.
+        process_group: ``torch.distributed`` group for data-parallel training
+            (see :func:`swamp_loss`). The queues then hold the gathered global
+            batches (identical on every rank, ``queue_size`` counts global
+            rows), each rank feeding its share of them to the OT problem.
+            Recipe: keep this module inside the ``DistributedDataParallel``
+            wrapper with the encoders, so the prototypes' gradients are
+            averaged; in training mode it warns if its parameters differ
+            across the ranks (e.g. a module left outside DDP).
 
     Example:
         >>> import torch
@@ -174,8 +196,9 @@ class SwAMPLoss(nn.Module):
 
     def __init__(self, dim, n_prototypes=3000, *, queue_size=0, eps=0.05, temperature=0.1,
                  n_iters=3, normalize=True, freeze_prototypes_steps=0, renormalize_prototypes=True,
-                 info_nce_weight=0.0, info_nce_temperature=0.07, backend="auto"):
+                 info_nce_weight=0.0, info_nce_temperature=0.07, backend="auto", process_group=None):
         super().__init__()
+        self.process_group = D.loss_group(process_group)
         V.check_count(dim, "dim", 1)
         V.check_count(n_prototypes, "n_prototypes", 1)
         V.check_count(queue_size, "queue_size", 0)
@@ -197,7 +220,9 @@ class SwAMPLoss(nn.Module):
     def forward(self, z_a, z_b, return_details=False):
         """Loss for one batch of pairs ``z_a``, ``z_b`` (N, D); see :func:`swamp_loss`."""
         prototypes = self.prototypes
+        group = self.process_group
         if self.training:
+            D.warn_if_diverged(self, group)
             if self.renormalize_prototypes:
                 with torch.no_grad():
                     self.prototypes.copy_(F.normalize(self.prototypes, dim=1))
@@ -205,14 +230,17 @@ class SwAMPLoss(nn.Module):
                 prototypes = prototypes.detach()
             self.num_steps += 1
         use_queue = self.queue_size > 0 and int(self.queue_count) >= self.queue_size
+        # With a group the queues are the same on every rank: each rank contributes its share.
+        part = slice(None) if group is None else D.rank_slice(self.queue_size, group)
         out = swamp_loss(z_a, z_b, prototypes, eps=self.eps, temperature=self.temperature,
-                         n_iters=self.n_iters, queue_a=self.queue_a if use_queue else None,
-                         queue_b=self.queue_b if use_queue else None, normalize=self.normalize,
-                         backend=self.backend, return_details=return_details)
+                         n_iters=self.n_iters, queue_a=self.queue_a[part] if use_queue else None,
+                         queue_b=self.queue_b[part] if use_queue else None, normalize=self.normalize,
+                         backend=self.backend, process_group=group, return_details=return_details)
         if self.queue_size > 0 and self.training:
             self._push(z_a, z_b)
         if self.info_nce_weight > 0:
-            nce = info_nce_loss(z_a, z_b, temperature=self.info_nce_temperature, normalize=self.normalize)
+            nce = info_nce_loss(z_a, z_b, temperature=self.info_nce_temperature, normalize=self.normalize,
+                                process_group=group)
             if return_details:
                 return out[0] + self.info_nce_weight * nce, out[1]
             return out + self.info_nce_weight * nce
@@ -220,7 +248,9 @@ class SwAMPLoss(nn.Module):
 
     @torch.no_grad()
     def _push(self, z_a, z_b):
-        """FIFO: newest rows last (the OT problem is ``[queue; batch]``)."""
+        """FIFO: newest rows last (the OT problem is ``[queue; batch]``); with a group, the global batch."""
+        if self.process_group is not None:
+            z_a, z_b = (D.gather_rows(z.detach(), self.process_group)[0] for z in (z_a, z_b))
         for queue, z in ((self.queue_a, z_a), (self.queue_b, z_b)):
             z = z.detach().to(queue.dtype)
             if self.normalize:
