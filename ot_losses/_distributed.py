@@ -17,8 +17,8 @@ side (marginal errors, masses, ``value``) go through the same object.
 unconditionally, so no solver branches on the layout. Both expose:
 
 - ``steps(namespace)``: the half-steps to iterate with;
-- ``total(x, dim)``, ``peak(x, dim)``, ``merge_lse(x, dim)``: complete a
-  ``(B,)`` partial sum / max / log-sum-exp over side ``dim`` (``ROWS``,
+- ``total(x, dim)``, ``peak(x, dim)``, ``low(x, dim)``, ``merge_lse(x, dim)``:
+  complete a partial sum / max / min / log-sum-exp over side ``dim`` (``ROWS``,
   ``COLS``), and ``sum``, ``lse`` that first reduce the last axis locally;
   ``total_all``, ``peak_all`` over the whole block;
 - ``size(cost3, dim)``: the global size of a side;
@@ -68,6 +68,9 @@ class Local:
     def merge_lse(self, x, dim):
         return x
 
+    def low(self, x, dim):
+        return x
+
     def any(self, flag):
         return bool(flag)
 
@@ -91,11 +94,7 @@ class Local:
         """:func:`_validate.check_marginal`; ``None`` is uniform over the side's global size."""
         return V.check_marginal(x, name, cost3, dim, batched)
 
-    offsets = (0, 0)
-
-    def lines(self, cost3):
-        """Which rows / columns have an allowed entry (None: let the check compute it)."""
-        return None
+    offsets = (0, 0)  # global index of this block's first row and column
 
     def checks(self):
         return contextlib.nullcontext()
@@ -148,7 +147,7 @@ class Shard(Local):
     # ------------------------------------------------------------------ collectives
     def _all_reduce(self, x, op):
         import torch.distributed as dist
-        x = x.contiguous().clone()  # never reduce into a caller's (or a saved) tensor
+        x = x.detach().contiguous().clone()  # never reduce into a caller's (or a saved) tensor
         _COMM_BYTES[0] += x.numel() * x.element_size()
         dist.all_reduce(x, op=op, group=self.group)
         return x
@@ -174,7 +173,12 @@ class Shard(Local):
 
     def total(self, x, dim):
         import torch.distributed as dist
-        return self._all_reduce(x, dist.ReduceOp.SUM) if dim == self.dim else x
+        if dim != self.dim:
+            return x
+        out = self._all_reduce(x, dist.ReduceOp.SUM)
+        # Every rank holds the same global sum; its gradient w.r.t. this rank's partial is 1
+        # (the envelope gradient of a global value w.r.t. the local block is local).
+        return x + (out - x).detach() if x.requires_grad else out
 
     def peak(self, x, dim):
         import torch.distributed as dist
@@ -183,22 +187,16 @@ class Shard(Local):
     def merge_lse(self, x, dim):
         return self.combine_lse(x) if dim == self.dim else x
 
+    def low(self, x, dim):
+        import torch.distributed as dist
+        return self._all_reduce(x, dist.ReduceOp.MIN) if dim == self.dim else x
+
     def any(self, flag):
         """``flag`` is True on some rank (collective)."""
         import torch.distributed as dist
         t = torch.tensor([int(bool(flag))], device=_comm_device(self.group))
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return bool(t.item())
-
-    def lines(self, cost3):
-        """``(rows_ok, cols_ok)``: has each local row / column an allowed entry on some rank (collective)."""
-        allowed = torch.isfinite(cost3)
-        rows_ok, cols_ok = allowed.any(-1), allowed.any(-2)
-        if self.dim == ROWS:  # a column's entries are spread over the ranks
-            cols_ok = self.peak(cols_ok.to(torch.uint8), ROWS).bool()
-        else:
-            rows_ok = self.peak(rows_ok.to(torch.uint8), COLS).bool()
-        return rows_ok, cols_ok
 
     def marginal(self, x, name, cost3, dim, batched):
         w = V.check_marginal(x, name, cost3, dim, batched)
@@ -246,31 +244,30 @@ class ShardedSteps:
     def __getattr__(self, name):
         return getattr(self._steps, name)
 
-    def row_lse(self, cost, h, eps):
-        out = self._steps.row_lse(cost, h, eps)
+    def row_lse(self, cost, h, eps, shift=None):
+        out = self._steps.row_lse(cost, h, eps, shift=shift)
         return self._shard.combine_lse(out, eps) if self._shard.dim == COLS else out
 
-    def col_lse(self, cost, h, eps):
-        out = self._steps.col_lse(cost, h, eps)
+    def col_lse(self, cost, h, eps, shift=None):
+        out = self._steps.col_lse(cost, h, eps, shift=shift)
         return self._shard.combine_lse(out, eps) if self._shard.dim == ROWS else out
 
-    def row_sigmoid_lse(self, cost, u, v, eps):
-        pair = self._steps.row_sigmoid_lse(cost, u, v, eps)
+    def row_sigmoid_lse(self, cost, u, v, eps, shift=None):
+        pair = self._steps.row_sigmoid_lse(cost, u, v, eps, shift=shift)
         if self._shard.dim != COLS:
             return pair
         both = self._shard.combine_lse(torch.stack(pair), eps)  # one pair of all-reduces for both sums
         return both[0], both[1]
 
-    def col_sigmoid_lse(self, cost, u, v, eps):
-        pair = self._steps.col_sigmoid_lse(cost, u, v, eps)
+    def col_sigmoid_lse(self, cost, u, v, eps, shift=None):
+        pair = self._steps.col_sigmoid_lse(cost, u, v, eps, shift=shift)
         if self._shard.dim != ROWS:
             return pair
         both = self._shard.combine_lse(torch.stack(pair), eps)
         return both[0], both[1]
 
-    def plan_cost(self, cost, f, g, eps):
-        import torch.distributed as dist
-        return self._shard._all_reduce(self._steps.plan_cost(cost, f, g, eps), dist.ReduceOp.SUM)
+    def plan_cost(self, cost, f, g, eps, shift=None):
+        return self._shard.total_all(self._steps.plan_cost(cost, f, g, eps, shift=shift))
 
     def balanced_small_supported(self, n, m, dtype=torch.float32):
         return False

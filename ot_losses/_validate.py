@@ -67,21 +67,22 @@ def check_same_device(x, name, cost, cost_name="cost"):
 
 
 def check_cost_values(cost3, name="cost"):
-    """No NaN and no ``-inf``; returns whether ``+inf`` (forbidden) entries exist.
+    """No NaN and no ``-inf``; returns ``(forbidden, row_min)``.
 
-    One reduction over the cost in the common all-finite case: a sum is
-    finite only if no entry is NaN or infinite (an overflowing sum merely
-    takes the detailed path below).
+    ``forbidden``: whether ``+inf`` (forbidden) entries exist; ``row_min``
+    ``(B, N)``: the smallest entry of each row (``+inf`` for an all-forbidden
+    row), which the solvers subtract from the cost. One pass over the cost
+    and one host sync.
     """
-    acc = torch.float64 if cost3.dtype == torch.float64 else torch.float32
-    if bool(torch.isfinite(cost3.sum(dtype=acc))):
-        return False
-    if torch.isnan(cost3).any():
+    row_min, row_max = torch.aminmax(cost3, dim=-1)  # NaN propagates into both
+    nan, neg, pos = torch.stack([torch.isnan(row_min).any(), torch.isneginf(row_min).any(),
+                                 torch.isposinf(row_max).any()]).tolist()
+    if nan:
         raise ValueError(f"{name} must not contain NaN; got {int(torch.isnan(cost3).sum())} NaN entries")
-    if torch.isneginf(cost3).any():
+    if neg:
         raise ValueError(f"{name} must not contain -inf (+inf marks forbidden entries); "
                          f"got {int(torch.isneginf(cost3).sum())} -inf entries")
-    return True
+    return bool(pos), row_min
 
 
 def check_marginal_values(w, name, total=None):
@@ -107,27 +108,79 @@ def check_equal_mass(a, b):
                          f"pass reach= for unbalanced OT")
 
 
-def check_feasible(cost3, a, b, name="cost", lines=None, offsets=(0, 0)):
-    """A row or column with positive mass must have at least one allowed (finite) entry.
+def _where(mask, B, offset=0):
+    """``" i"`` or ``" i of problem p"`` for the first True entry of a (B, L) mask (plus ``offset``)."""
+    p, i = mask.nonzero()[0].tolist()
+    return f" {i + offset}" + (f" of problem {p}" if B > 1 else "")
 
-    ``lines``: ``(rows_ok, cols_ok)``, whether each row / column has an
-    allowed entry, when computed elsewhere (a sharded cost, completed across
-    the ranks); ``offsets``: global index of the first local row / column.
+
+def _local(x, side):
+    return x
+
+
+# The feasibility checks take ``complete`` and ``offsets`` for one rank's block of a cost split across
+# a process group: ``complete(x, side)`` finishes a per-line sum over side 1 (rows) or 2 (columns)
+# across the ranks (a collective: every rank makes the same calls, before any error is raised), and
+# ``offsets`` are the global indices of the block's first row and column, for the messages.
+def check_feasible(cost3, a, b, name="cost", balanced=True, complete=_local, offsets=(0, 0)):
+    """Every row (column) with positive mass must have an allowed entry.
+
+    ``balanced``: moreover an allowed entry in a column (row) with positive
+    mass, since the line must send all of its mass somewhere.
     """
-    if lines is None:
-        allowed = torch.isfinite(cost3)
-        lines = allowed.any(-1), allowed.any(-2)
-    bad_rows = (~lines[0]) & (a > 0)
-    bad_cols = (~lines[1]) & (b > 0)
-    of = (lambda b: f" of problem {b}") if cost3.shape[0] > 1 else (lambda b: "")
-    if bad_rows.any():
-        idx = bad_rows.nonzero()[0].tolist()
-        raise ValueError(f"{name} has a row with positive mass whose entries are all +inf (forbidden): "
-                         f"row {idx[-1] + offsets[0]}" + of(idx[0]))
-    if bad_cols.any():
-        idx = bad_cols.nonzero()[0].tolist()
-        raise ValueError(f"{name} has a column with positive mass whose entries are all +inf (forbidden): "
-                         f"column {idx[-1] + offsets[1]}" + of(idx[0]))
+    allowed = torch.isfinite(cost3)
+    if balanced:
+        rows_n = (allowed & (b > 0).unsqueeze(-2)).sum(-1)
+        cols_n = (allowed & (a > 0).unsqueeze(-1)).sum(-2)
+    else:
+        rows_n, cols_n = allowed.sum(-1), allowed.sum(-2)
+    rows_ok, cols_ok = complete(rows_n, 2) > 0, complete(cols_n, 1) > 0
+    bad_rows, bad_cols = (a > 0) & ~rows_ok, (b > 0) & ~cols_ok
+    B = cost3.shape[0]
+    for bad, line, other, off in ((bad_rows, "row", "columns", offsets[0]),
+                                  (bad_cols, "column", "rows", offsets[1])):
+        if bad.any():
+            raise ValueError(f"{name} makes the problem infeasible: {line}{_where(bad, B, off)} has positive "
+                             f"mass but every entry of it is forbidden (+inf) or lies in one of the "
+                             f"zero-mass {other}, so its mass cannot be transported")
+
+
+def check_partial_feasible(cost3, a, b, mass, name="cost", complete=_local):
+    """Partial OT: ``mass`` must not exceed what the allowed entries can carry, line by line.
+
+    Row i can send at most ``min(a_i, sum of b over its allowed columns)``
+    (likewise for columns); a ``mass`` above either total cannot be moved.
+    """
+    allowed = torch.isfinite(cost3).to(a.dtype)
+    row_cap = torch.minimum(a, complete((allowed * b.unsqueeze(-2)).sum(-1), 2))
+    col_cap = torch.minimum(b, complete((allowed * a.unsqueeze(-1)).sum(-2), 1))
+    cap = torch.minimum(complete(row_cap.sum(-1), 1), complete(col_cap.sum(-1), 2))
+    bad = mass > cap * (1 + 1e-6)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{name} makes the problem infeasible: mass={float(mass[i]):.6g} exceeds the "
+                         f"{float(cap[i]):.6g} that the allowed (finite) entries can carry (rows whose "
+                         f"partners are forbidden or have little mass)"
+                         + (f" in problem {i}" if cost3.shape[0] > 1 else ""))
+
+
+def check_multi_feasible(cost3, k, target, name="cost", complete=_local, offsets=(0, 0)):
+    """Multi-assignment: each row needs k allowed entries in columns that take units; each column
+    j needs ``target_j`` allowed rows (entries are at most 1)."""
+    allowed = torch.isfinite(cost3)
+    per_row = complete((allowed & (target > 0).unsqueeze(-2)).sum(-1), 2)
+    per_col = complete(allowed.sum(-2), 1)
+    B = cost3.shape[0]
+    bad = per_row < k * (1 - 1e-6)
+    if bad.any():
+        raise ValueError(f"{name} makes the problem infeasible: row{_where(bad, B, offsets[0])} needs "
+                         f"k={k:g} assignments (each at most 1) but has only {int(per_row[bad][0])} allowed "
+                         f"entries in columns with a positive target k * N * b_j")
+    bad = per_col < target * (1 - 1e-6)
+    if bad.any():
+        raise ValueError(f"{name} makes the problem infeasible: column{_where(bad, B, offsets[1])} must "
+                         f"receive k * N * b_j = {float(target[bad][0]):.6g} units (each entry at most 1) "
+                         f"but has only {int(per_col[bad][0])} allowed entries")
 
 
 def check_positive(x, name):
@@ -184,7 +237,11 @@ def check_eps_schedule(eps_schedule, eps):
 
 
 def check_init(init, cost3, batched):
-    """Warm-start potentials ``(f, g)``: shapes of the marginals; returns ``(B, N)``, ``(B, M)``."""
+    """Warm-start potentials ``(f, g)``: shapes of the marginals; returns ``(B, N)``, ``(B, M)``.
+
+    Infinite entries are allowed (a result's zero-mass or all-forbidden
+    lines have them); NaN is not.
+    """
     if init is None:
         return None
     if not isinstance(init, (tuple, list)) or len(init) != 2:
@@ -193,9 +250,9 @@ def check_init(init, cost3, batched):
     out = []
     for x, name, dim in ((init[0], "init[0] (f)", 1), (init[1], "init[1] (g)", 2)):
         w = check_marginal(x, name, cost3, dim, batched)
-        if not torch.isfinite(w).all():
-            raise ValueError(f"{name} must be finite; got NaN or Inf entries")
-        out.append(w.to(dtype).clone())
+        if torch.isnan(w).any():
+            raise ValueError(f"{name} must not contain NaN; got {int(torch.isnan(w).sum())} NaN entries")
+        out.append(w.to(dtype))
     return tuple(out)
 
 
@@ -203,6 +260,12 @@ def check_mass(mass, a, b):
     """Partial OT: ``0 < mass <= min(sum a, sum b)`` per problem; returns a ``(B,)`` tensor."""
     if isinstance(mass, bool) or not isinstance(mass, (Real, torch.Tensor)):
         raise TypeError(f"mass must be a positive float; got {type(mass).__name__}")
+    if isinstance(mass, torch.Tensor):
+        if mass.numel() != 1 and tuple(mass.shape) != (a.shape[0],):
+            raise ValueError(f"mass must be a number, a 0-d tensor or a ({a.shape[0]},) tensor (one per "
+                             f"problem); got shape {tuple(mass.shape)}")
+        check_same_device(mass, "mass", a)
+        mass = mass.detach().reshape(-1)
     m = torch.as_tensor(mass, dtype=a.dtype, device=a.device).expand(a.shape[0])
     limit = torch.minimum(a.sum(-1), b.sum(-1))
     if not torch.isfinite(m).all() or (m <= 0).any() or (m > limit * (1 + 1e-6)).any():

@@ -31,6 +31,7 @@ class _PlanResult:
     _steps: Any = field(compare=False)
     _differentiable: bool = field(compare=False)
     _value_fn: Optional[Callable] = field(default=None, compare=False)
+    _shift: Any = field(default=None, compare=False)  # (r, s) offsets the steps subtract from the cost
     _shard: Any = field(default=LOCAL, compare=False)  # layout across a process group (data-parallel)
 
     def _out(self, x):
@@ -38,9 +39,9 @@ class _PlanResult:
 
     def _compute(self, fn):
         if self._differentiable:
-            return fn(self._cost, self._fp, self._gp, self._eps)
+            return fn(self._cost, self._fp, self._gp, self._eps, shift=self._shift)
         with torch.no_grad():
-            return fn(self._cost.detach(), self._fp.detach(), self._gp.detach(), self._eps)
+            return fn(self._cost.detach(), self._fp.detach(), self._gp.detach(), self._eps, shift=self._shift)
 
     @cached_property
     def log_plan(self):

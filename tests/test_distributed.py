@@ -226,6 +226,9 @@ def _bad_inputs(rank):
     col_forbidden[:, 2] = float("inf")
     row_forbidden = rand(4, 3)
     row_forbidden[1, :] = float("inf")
+    # Each rank's only row with mass may use column 0 (b_0 = 0.2) alone: at most 0.2 can move.
+    one_column, a_first = rand(4, 5), torch.tensor([0.5, 0.0, 0.0, 0.0], dtype=F64)
+    one_column[0, 1:] = float("inf")
     return [
         ("empty", lambda: sinkhorn(rand(4 if rank == 0 else 0, 5), **world, shard_dim=0)),
         ("other-side", lambda: sinkhorn(rand(4, 5 + rank), **world, shard_dim=0)),
@@ -238,6 +241,7 @@ def _bad_inputs(rank):
                                           shard_dim=0)),
         ("infeasible-column", lambda: sinkhorn(col_forbidden, **world, shard_dim=0)),
         ("infeasible-row", lambda: multi_assignment_sinkhorn(row_forbidden, k=1, **world, shard_dim=1)),
+        ("partial-capacity", lambda: partial_ot(one_column, a_first, mass=0.5, **world, shard_dim=0)),
         ("no-shard-dim", lambda: sinkhorn(rand(4, 5), **world)),
         ("unroll", lambda: sinkhorn(rand(4, 5), grad="unroll", **world, shard_dim=0)),
         ("k-global-m", lambda: multi_assignment_sinkhorn(rand(4, 3), k=6, **world, shard_dim=1)),
@@ -254,8 +258,9 @@ EXPECTED = {
     "nan-on-rank-1": (ValueError, r"cost must not contain NaN.*\(raised on rank 1 of process_group\)"),
     "negative-a-on-rank-0": (ValueError, r"a must be non-negative.*raised on rank 0"),
     "unequal-mass": (ValueError, r"equal total mass.*sum\(a\)=0\.8"),
-    "infeasible-column": (ValueError, r"column with positive mass .*column 2"),
-    "infeasible-row": (ValueError, r"row with positive mass .*row 1"),
+    "infeasible-column": (ValueError, r"infeasible: column 2 has positive mass"),
+    "infeasible-row": (ValueError, r"infeasible: row 1 needs k=1 assignments .* only 0 allowed"),
+    "partial-capacity": (ValueError, r"infeasible: mass=0\.5 exceeds the 0\.2 that the allowed"),
     "no-shard-dim": (ValueError, r"shard_dim must be 0"),
     "unroll": (ValueError, r"grad='unroll' is not supported with a process_group"),
     "k-global-m": (ValueError, r"k must satisfy 1 <= k < M = 6"),

@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 
 from . import _check_operands, _device_of, _interpreting
+from ._jit import _no_mass, _shifted
 from .plan import log_plan, plan, plan_cost  # noqa: F401  (re-exported twins)
 
 __all__ = ["SMALL_MAX_ELEMENTS", "balanced_small", "balanced_small_supported", "col_lse",
@@ -81,24 +82,40 @@ def _logsigmoid_pair(z):
 
 
 @triton.jit
+def _safe_max(m):
+    """The running max, or 0 where it is infinite (all -inf so far, or a +inf term): no NaN."""
+    return tl.where((m == float("-inf")) | (m == float("inf")), 0.0, m)
+
+
+@triton.jit
 def _online_lse(m, s, t):
     """Fold terms t (BLOCK_R, BLOCK_K) into the running max m and sum s (BLOCK_R,)."""
     m_new = tl.maximum(m, tl.max(t, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: no NaN
+    m_safe = _safe_max(m_new)
     s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(t - m_safe[:, None]), axis=1)
     return m_new, s
 
 
 @triton.jit
+def _finish_lse(m, s):
+    """``m + log s`` of an online log-sum-exp; ``+inf`` if a term was, ``-inf`` if all were -inf."""
+    return tl.where(m == float("inf"), m, _safe_max(m) + tl.log(s))
+
+
+@triton.jit
 def _lse_kernel(
-    cost_ptr, h_ptr, p_ptr, out_ptr, out2_ptr,
+    cost_ptr, h_ptr, p_ptr, out_ptr, out2_ptr, r_ptr, s_ptr,
     R, K, n_rblocks,             # outputs per problem, reduced length, programs per problem
     stride_cb, stride_cr, stride_ck,
     stride_hb, stride_hk,        # potential indexed by the reduced axis
     stride_pb, stride_pr,        # potential indexed by the output axis (IS_SIGMOID only)
     stride_ob, stride_or,        # out and out2
+    stride_rb, stride_rn,        # row offsets r (B, N) of the cost shift
+    stride_sb, stride_sm,        # column offsets s (B, M)
     eps: tl.float64,
     IS_SIGMOID: tl.constexpr,    # z = (p_r + h_k - C_rk)/eps, two lse; else z = (h_k - C_rk)/eps
+    HAS_SHIFT: tl.constexpr,     # work on (C - r) - s
+    BY_ROW: tl.constexpr,        # the output axis is the cost's rows (else its columns)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -113,6 +130,11 @@ def _lse_kernel(
     h_base = h_ptr + b * stride_hb
     if IS_SIGMOID:
         p = tl.load(p_ptr + b * stride_pb + rows64 * stride_pr, mask=row_mask, other=0.0).to(dtype)
+    if HAS_SHIFT:
+        if BY_ROW:
+            off_out = tl.load(r_ptr + b * stride_rb + rows64 * stride_rn, mask=row_mask, other=0.0).to(dtype)
+        else:
+            off_out = tl.load(s_ptr + b * stride_sb + rows64 * stride_sm, mask=row_mask, other=0.0).to(dtype)
     m1 = tl.full((BLOCK_R,), float("-inf"), dtype)
     s1 = tl.zeros((BLOCK_R,), dtype)
     m2 = tl.full((BLOCK_R,), float("-inf"), dtype)
@@ -124,36 +146,44 @@ def _lse_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         c = tl.load(cost_rows + cols64[None, :] * stride_ck, mask=mask, other=float("inf")).to(dtype)
         h = tl.load(h_base + cols64 * stride_hk, mask=col_mask, other=0.0).to(dtype)
+        if HAS_SHIFT:
+            if BY_ROW:
+                off_k = tl.load(s_ptr + b * stride_sb + cols64 * stride_sm, mask=col_mask, other=0.0)
+                c = _shifted(c, off_out[:, None], off_k.to(dtype)[None, :])
+            else:
+                off_k = tl.load(r_ptr + b * stride_rb + cols64 * stride_rn, mask=col_mask, other=0.0)
+                c = _shifted(c, off_k.to(dtype)[None, :], off_out[:, None])
         if IS_SIGMOID:
-            z = (p[:, None] + h[None, :] - c) * inv_eps
+            z = _no_mass((p[:, None] + h[None, :] - c) * inv_eps)
             t1, t2 = _logsigmoid_pair(z)
             # masked lanes must vanish from both sums (log sigmoid(-(-inf)) = 0, not -inf)
             m1, s1 = _online_lse(m1, s1, tl.where(mask, t1, float("-inf")))
             m2, s2 = _online_lse(m2, s2, tl.where(mask, t2, float("-inf")))
         else:
-            m1, s1 = _online_lse(m1, s1, (h[None, :] - c) * inv_eps)
+            m1, s1 = _online_lse(m1, s1, _no_mass((h[None, :] - c) * inv_eps))
     out_offs = b * stride_ob + rows64 * stride_or
-    tl.store(out_ptr + out_offs, eps_c * (m1 + tl.log(s1)), mask=row_mask)
+    tl.store(out_ptr + out_offs, eps_c * _finish_lse(m1, s1), mask=row_mask)
     if IS_SIGMOID:
-        tl.store(out2_ptr + out_offs, eps_c * (m2 + tl.log(s2)), mask=row_mask)
+        tl.store(out2_ptr + out_offs, eps_c * _finish_lse(m2, s2), mask=row_mask)
 
 
 @triton.jit
 def _lse_axis(z, AXIS: tl.constexpr):
-    """Log-sum-exp of a whole on-chip tile along AXIS; all -inf gives -inf."""
+    """Log-sum-exp of a whole on-chip tile along AXIS; all -inf gives -inf, a +inf term +inf."""
     m = tl.max(z, axis=AXIS)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    return m + tl.log(tl.sum(tl.exp(z - tl.expand_dims(m_safe, AXIS)), axis=AXIS))
+    return _finish_lse(m, tl.sum(tl.exp(z - tl.expand_dims(_safe_max(m), AXIS)), axis=AXIS))
 
 
 @triton.jit
 def _balanced_small_kernel(
-    cost_ptr, log_a_ptr, log_b_ptr, f_ptr, g_ptr, f_out_ptr, g_out_ptr,
+    cost_ptr, log_a_ptr, log_b_ptr, f_ptr, g_ptr, f_out_ptr, g_out_ptr, r_ptr, s_ptr,
     N, M, n_iters,
     stride_cb, stride_cn, stride_cm,
     stride_ab, stride_an, stride_bb, stride_bm,   # log_a, log_b
     stride_fb, stride_fn, stride_gb, stride_gm,   # f, g (inputs)
+    stride_rb, stride_rn, stride_sb, stride_sm,   # cost shift: row offsets r, column offsets s
     eps: tl.float64,
+    HAS_SHIFT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -170,6 +200,10 @@ def _balanced_small_kernel(
     # the whole cost stays in registers for all iterations: read once per launch
     c = tl.load(cost_ptr + b * stride_cb + rows64[:, None] * stride_cn + cols64[None, :] * stride_cm,
                 mask=mask, other=float("inf")).to(dtype)
+    if HAS_SHIFT:
+        r = tl.load(r_ptr + b * stride_rb + rows64 * stride_rn, mask=row_mask, other=0.0).to(dtype)
+        s = tl.load(s_ptr + b * stride_sb + cols64 * stride_sm, mask=col_mask, other=0.0).to(dtype)
+        c = _shifted(c, r[:, None], s[None, :])
     log_a = tl.load(log_a_ptr + b * stride_ab + rows64 * stride_an, mask=row_mask, other=0.0).to(dtype)
     log_b = tl.load(log_b_ptr + b * stride_bb + cols64 * stride_bm, mask=col_mask, other=0.0).to(dtype)
     f = tl.load(f_ptr + b * stride_fb + rows64 * stride_fn, mask=row_mask, other=0.0).to(dtype)
@@ -178,10 +212,10 @@ def _balanced_small_kernel(
         # same operations as the solver's -row_lse(cost, fold(g, log_b, eps), eps):
         # h = g + eps * log_b, exactly -inf where the weight is 0
         h = tl.where(log_b == float("-inf"), log_b, g + eps_c * log_b)
-        z = tl.where(mask, (h[None, :] - c) * inv_eps, float("-inf"))
+        z = tl.where(mask, _no_mass((h[None, :] - c) * inv_eps), float("-inf"))
         f = tl.where(row_mask, -(eps_c * _lse_axis(z, 1)), 0.0)
         h = tl.where(log_a == float("-inf"), log_a, f + eps_c * log_a)
-        z = tl.where(mask, (h[:, None] - c) * inv_eps, float("-inf"))
+        z = tl.where(mask, _no_mass((h[:, None] - c) * inv_eps), float("-inf"))
         g = tl.where(col_mask, -(eps_c * _lse_axis(z, 0)), 0.0)
     tl.store(f_out_ptr + b * N + rows64, f, mask=row_mask)
     tl.store(g_out_ptr + b * M + cols64, g, mask=col_mask)
@@ -206,7 +240,14 @@ def _lse_blocks(B, R, K, stride_cr, stride_ck, itemsize, heavy):
     return block_r, block_k, num_warps
 
 
-def _lse(cost, h, p, eps, by_row, sigmoid):
+def _shift_args(shift, like):
+    """Pointers and strides of the cost shift ``(r, s)`` (``like`` stands in when there is none)."""
+    r, s = shift if shift is not None else (like, like)
+    return dict(r_ptr=r, s_ptr=s, stride_rb=r.stride(0), stride_rn=r.stride(1),
+                stride_sb=s.stride(0), stride_sm=s.stride(1), HAS_SHIFT=shift is not None)
+
+
+def _lse(cost, h, p, eps, by_row, sigmoid, shift):
     """Launch ``_lse_kernel`` reducing over M (``by_row``) or over N."""
     B, N, M = cost.shape
     sb, sn, sm = cost.stride()
@@ -219,43 +260,52 @@ def _lse(cost, h, p, eps, by_row, sigmoid):
     p_ = p if sigmoid else h  # unread when not IS_SIGMOID
     with _device_of(cost):
         _lse_kernel[(B * n_rblocks,)](
-            cost_ptr=cost, h_ptr=h, p_ptr=p_, out_ptr=out, out2_ptr=out2,
+            cost_ptr=cost, h_ptr=h, p_ptr=p_, out_ptr=out, out2_ptr=out2, **_shift_args(shift, h),
             R=R, K=K, n_rblocks=n_rblocks,
             stride_cb=sb, stride_cr=s_r, stride_ck=s_k,
             stride_hb=h.stride(0), stride_hk=h.stride(1),
             stride_pb=p_.stride(0), stride_pr=p_.stride(1),
             stride_ob=out.stride(0), stride_or=out.stride(1),
-            eps=float(eps), IS_SIGMOID=sigmoid, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
+            eps=float(eps), IS_SIGMOID=sigmoid, BY_ROW=by_row, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
             num_warps=num_warps,
         )
     return (out, out2) if sigmoid else out
 
 
-def row_lse(cost, h, eps):
+def _shift_operands(shift):
+    """``(rows, cols)`` operand lists for ``_check_operands`` of a shift ``(r, s)`` or None."""
+    return ([("shift[0] (r)", shift[0])], [("shift[1] (s)", shift[1])]) if shift is not None else ([], [])
+
+
+def row_lse(cost, h, eps, shift=None):
     """``eps * lse_j((h_j - C_ij) / eps)``: cost (B, N, M), h (B, M) -> (B, N)."""
-    _check_operands(cost, cols=[("h", h)])
-    return _lse(cost, h, None, eps, by_row=True, sigmoid=False)
+    rs, cs = _shift_operands(shift)
+    _check_operands(cost, rows=rs, cols=[("h", h)] + cs)
+    return _lse(cost, h, None, eps, by_row=True, sigmoid=False, shift=shift)
 
 
-def col_lse(cost, h, eps):
+def col_lse(cost, h, eps, shift=None):
     """``eps * lse_i((h_i - C_ij) / eps)``: cost (B, N, M), h (B, N) -> (B, M)."""
-    _check_operands(cost, rows=[("h", h)])
-    return _lse(cost, h, None, eps, by_row=False, sigmoid=False)
+    rs, cs = _shift_operands(shift)
+    _check_operands(cost, rows=[("h", h)] + rs, cols=cs)
+    return _lse(cost, h, None, eps, by_row=False, sigmoid=False, shift=shift)
 
 
-def row_sigmoid_lse(cost, u, v, eps):
+def row_sigmoid_lse(cost, u, v, eps, shift=None):
     """``(eps * lse_j log sigmoid(z_ij), eps * lse_j log sigmoid(-z_ij))``, each (B, N).
 
     ``z_ij = (u_i + v_j - C_ij) / eps``; cost (B, N, M), u (B, N), v (B, M).
     """
-    _check_operands(cost, rows=[("u", u)], cols=[("v", v)])
-    return _lse(cost, v, u, eps, by_row=True, sigmoid=True)
+    rs, cs = _shift_operands(shift)
+    _check_operands(cost, rows=[("u", u)] + rs, cols=[("v", v)] + cs)
+    return _lse(cost, v, u, eps, by_row=True, sigmoid=True, shift=shift)
 
 
-def col_sigmoid_lse(cost, u, v, eps):
+def col_sigmoid_lse(cost, u, v, eps, shift=None):
     """Column twin of :func:`row_sigmoid_lse`: returns two (B, M) tensors."""
-    _check_operands(cost, rows=[("u", u)], cols=[("v", v)])
-    return _lse(cost, u, v, eps, by_row=False, sigmoid=True)
+    rs, cs = _shift_operands(shift)
+    _check_operands(cost, rows=[("u", u)] + rs, cols=[("v", v)] + cs)
+    return _lse(cost, u, v, eps, by_row=False, sigmoid=True, shift=shift)
 
 
 def balanced_small_supported(n, m, dtype=torch.float32):
@@ -264,7 +314,7 @@ def balanced_small_supported(n, m, dtype=torch.float32):
     return triton.next_power_of_2(n) * triton.next_power_of_2(m) <= limit
 
 
-def balanced_small(cost, log_a, log_b, f, g, eps, n_iters):
+def balanced_small(cost, log_a, log_b, f, g, eps, n_iters, shift=None):
     """All ``n_iters`` balanced Sinkhorn iterations of small problems in one launch.
 
     Per iteration, f first then g:
@@ -281,6 +331,7 @@ def balanced_small(cost, log_a, log_b, f, g, eps, n_iters):
         f: (B, N), g: (B, M) initial potentials (fp32 or fp64: the compute dtype).
         eps: float, absolute regularisation (cost units).
         n_iters: int >= 0.
+        shift: None or ``(r, s)``, (B, N) and (B, M): work on ``(C - r) - s``.
 
     Returns:
         ``(f, g)``: new (B, N) and (B, M) contiguous tensors; inputs are not modified.
@@ -289,7 +340,8 @@ def balanced_small(cost, log_a, log_b, f, g, eps, n_iters):
         ValueError: ``balanced_small_supported(N, M, f.dtype)`` is False, ``n_iters < 0``,
             or the operands' shapes, dtypes or devices do not match.
     """
-    _check_operands(cost, rows=[("f", f), ("log_a", log_a)], cols=[("g", g), ("log_b", log_b)])
+    rs, cs = _shift_operands(shift)
+    _check_operands(cost, rows=[("f", f), ("log_a", log_a)] + rs, cols=[("g", g), ("log_b", log_b)] + cs)
     B, N, M = cost.shape
     if not balanced_small_supported(N, M, f.dtype):
         raise ValueError(f"balanced_small needs next_pow2(N) * next_pow2(M) <= "
@@ -302,7 +354,7 @@ def balanced_small(cost, log_a, log_b, f, g, eps, n_iters):
     with _device_of(cost):
         _balanced_small_kernel[(B,)](
             cost_ptr=cost, log_a_ptr=log_a, log_b_ptr=log_b, f_ptr=f, g_ptr=g,
-            f_out_ptr=f_out, g_out_ptr=g_out, N=N, M=M, n_iters=int(n_iters),
+            f_out_ptr=f_out, g_out_ptr=g_out, **_shift_args(shift, f), N=N, M=M, n_iters=int(n_iters),
             stride_cb=cost.stride(0), stride_cn=cost.stride(1), stride_cm=cost.stride(2),
             stride_ab=log_a.stride(0), stride_an=log_a.stride(1),
             stride_bb=log_b.stride(0), stride_bm=log_b.stride(1),

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from . import _check_operands, _device_of
+from ._jit import _no_mass, _shifted
 
 __all__ = ["log_plan", "plan", "plan_cost"]
 
@@ -20,14 +21,17 @@ LOG_PLAN, PLAN, PLAN_COST = 0, 1, 2
 
 @triton.jit
 def _plan_kernel(
-    cost_ptr, f_ptr, g_ptr, scale_ptr, out_ptr,
+    cost_ptr, f_ptr, g_ptr, scale_ptr, out_ptr, r_ptr, s_ptr,
     N, M, n_nblocks, n_mblocks,
     stride_cb, stride_cn, stride_cm,
     stride_fb, stride_fn, stride_gb, stride_gm, stride_sb,
     stride_ob, stride_on, stride_om,   # (B, N, M) output; PLAN_COST: (B, n_tiles), on = om = 0
+    stride_rb, stride_rn,              # row offsets r (B, N) of the cost shift
+    stride_tb, stride_tm,              # column offsets s (B, M)
     eps: tl.float64,
     MODE: tl.constexpr,                # 0: log plan, 1: plan, 2: per-tile sum of plan * cost
     HAS_SCALE: tl.constexpr,           # PLAN only: multiply problem b by scale[b]
+    HAS_SHIFT: tl.constexpr,           # the potentials are those of (C - r) - s
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -47,7 +51,13 @@ def _plan_kernel(
                 mask=mask, other=float("inf")).to(dtype)
     f = tl.load(f_ptr + b * stride_fb + rows64 * stride_fn, mask=row_mask, other=0.0).to(dtype)
     g = tl.load(g_ptr + b * stride_gb + cols64 * stride_gm, mask=col_mask, other=0.0).to(dtype)
-    z = (f[:, None] + g[None, :] - c) / eps_c
+    c_shifted = c
+    if HAS_SHIFT:
+        r = tl.load(r_ptr + b * stride_rb + rows64 * stride_rn, mask=row_mask, other=0.0).to(dtype)
+        s = tl.load(s_ptr + b * stride_tb + cols64 * stride_tm, mask=col_mask, other=0.0).to(dtype)
+        c_shifted = _shifted(c, r[:, None], s[None, :])
+    z = (f[:, None] + g[None, :] - c_shifted) / eps_c
+    z = _no_mass(z)  # inf - inf: a forbidden entry meeting an infinite potential
     if MODE == 2:
         p = tl.exp(z)
         contrib = p * tl.where(p > 0, c, 0.0)  # masked/forbidden: p = 0, never 0 * inf
@@ -70,8 +80,11 @@ def _blocks(cost):
     return min(64, triton.next_power_of_2(N)), min(32, triton.next_power_of_2(M))
 
 
-def _launch(cost, f, g, eps, mode, scale=None):
+def _launch(cost, f, g, eps, mode, scale=None, shift=None):
     rows, cols = [("f", f)], [("g", g)]
+    if shift is not None:
+        rows, cols = rows + [("shift[0] (r)", shift[0])], cols + [("shift[1] (s)", shift[1])]
+    r, s = shift if shift is not None else (f, g)
     _check_operands(cost, rows=rows, cols=cols, batch=[("scale", scale)] if scale is not None else ())
     B, N, M = cost.shape
     BLOCK_N, BLOCK_M = _blocks(cost)
@@ -85,6 +98,8 @@ def _launch(cost, f, g, eps, mode, scale=None):
     with _device_of(cost):
         _plan_kernel[(B * n_nblocks * n_mblocks,)](
             cost_ptr=cost, f_ptr=f, g_ptr=g, scale_ptr=scale if scale is not None else f, out_ptr=out,
+            r_ptr=r, s_ptr=s, stride_rb=r.stride(0), stride_rn=r.stride(1),
+            stride_tb=s.stride(0), stride_tm=s.stride(1), HAS_SHIFT=shift is not None,
             N=N, M=M, n_nblocks=n_nblocks, n_mblocks=n_mblocks,
             stride_cb=cost.stride(0), stride_cn=cost.stride(1), stride_cm=cost.stride(2),
             stride_fb=f.stride(0), stride_fn=f.stride(1), stride_gb=g.stride(0), stride_gm=g.stride(1),
@@ -96,16 +111,16 @@ def _launch(cost, f, g, eps, mode, scale=None):
     return out.sum(dim=-1) if mode == PLAN_COST else out
 
 
-def log_plan(cost, f, g, eps):
+def log_plan(cost, f, g, eps, shift=None):
     """``(f_i + g_j - C_ij) / eps``: cost (B, N, M), f (B, N), g (B, M) -> (B, N, M)."""
-    return _launch(cost, f, g, eps, LOG_PLAN)
+    return _launch(cost, f, g, eps, LOG_PLAN, shift=shift)
 
 
-def plan(cost, f, g, eps, scale=None):
-    """``exp(log_plan(cost, f, g, eps))``, times ``scale`` (B,) per problem if given."""
-    return _launch(cost, f, g, eps, PLAN, scale)
+def plan(cost, f, g, eps, scale=None, shift=None):
+    """``exp(log_plan(cost, f, g, eps, shift))``, times ``scale`` (B,) per problem if given."""
+    return _launch(cost, f, g, eps, PLAN, scale, shift)
 
 
-def plan_cost(cost, f, g, eps):
-    """``<P, C>`` with ``P = exp(log_plan(cost, f, g, eps))``: -> (B,); forbidden entries give 0."""
-    return _launch(cost, f, g, eps, PLAN_COST)
+def plan_cost(cost, f, g, eps, shift=None):
+    """``<P, C>`` (the unshifted cost) with ``P = exp(log_plan(cost, f, g, eps, shift))``: -> (B,)."""
+    return _launch(cost, f, g, eps, PLAN_COST, shift=shift)

@@ -27,15 +27,58 @@ def unbatch(x, batched):
     return x if batched else x.squeeze(0)
 
 
-def make_steps(backend, grad, cost3, dtype, scaled=True):
+def make_steps(backend, grad, cost3, dtype, shift, forbidden, scaled=True):
     """Half-step namespace for a resolved backend and gradient mode.
 
     ``grad="unroll"`` keeps the plain differentiable reference steps; the torch
     backend otherwise uses the cached-kernel fast path when ``scaled``.
     """
     if backend == "torch" and grad != "unroll" and scaled:
-        return ScalingSteps(cost3.detach(), dtype)
+        return ScalingSteps(cost3.detach(), dtype, shift, forbidden)
     return get_steps(backend)
+
+
+def cost_shift(cost3, row_min, dtype, per_line, unroll=False, low=None):
+    """Offsets ``(r, s)``, ``(B, N)`` and ``(B, M)``, that every step subtracts from the cost.
+
+    ``per_line`` (problems invariant to adding constants to rows and columns):
+    ``r_i = min_j C_ij`` and ``s_j = min_i (C_ij - r_i)``; otherwise one
+    constant per problem, ``min C``, in ``r``. Minima run over allowed
+    entries (0 for an all-forbidden line), so the shifted cost is >= 0 with
+    a 0 in every line, and ``C_ij - r_i`` is exact where the offset is large.
+    They are constants of the solve (detached): any offsets give the same
+    plan, so they carry no gradient; except with ``unroll``, where a few
+    iterations of some problems (the dummy partial) do depend on them.
+
+    ``low(x, side)`` completes a partial minimum over side 1 (rows) or 2
+    (columns) when the cost is one rank's block of a split cost (identity
+    otherwise), so every rank uses the offsets of the whole cost.
+    """
+    low = low or (lambda x, side: x)
+    B, N, M = cost3.shape
+    r = low((row_min if unroll else row_min.detach()).to(dtype), 2)
+    if not per_line:
+        c = low(r.masked_fill(~torch.isfinite(r), float("inf")).amin(-1), 1)
+        c = c.masked_fill(~torch.isfinite(c), 0.0)
+        return c.unsqueeze(-1).expand(B, N), torch.zeros((), dtype=dtype, device=r.device).expand(B, M)
+    r = r.masked_fill(~torch.isfinite(r), 0.0)
+    with torch.set_grad_enabled(unroll):
+        s = low((cost3.to(dtype) - r.unsqueeze(-1)).amin(-2), 1)
+    return r, s.masked_fill(~torch.isfinite(s), 0.0)
+
+
+def start_potentials(init, shift, shape, dtype, device):
+    """Initial shifted potentials: the caller's ``init`` (zeros if None) minus the offsets.
+
+    Starting from 0 in the cost's own units (not in shifted units) keeps the
+    first iterates those of the textbook algorithm, e.g. SwAV's three steps.
+    Infinite entries of ``init`` (a zero-mass or all-forbidden line in an
+    earlier result) carry no information: they start at 0 too.
+    """
+    B, N, M = shape
+    if init is None:
+        init = tuple(torch.zeros((B, n), dtype=dtype, device=device) for n in (N, M))
+    return tuple(pot.masked_fill(~torch.isfinite(pot), 0.0) - off for pot, off in zip(init, shift))
 
 
 class Problem:
@@ -96,6 +139,22 @@ def max_change(new, old):
     return torch.where(ok, (new - old).abs(), torch.zeros_like(new)).amax(-1)
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on an envelope gradient whose own derivative would be wrong: refuse it loudly."""
+
+    @staticmethod
+    def forward(ctx, x, *inputs):
+        # ``inputs`` (the solve's differentiable inputs) only make the output part of the graph.
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("grad='envelope' gives exact first derivatives only: its gradient treats the "
+                           "optimal potentials as constants, so differentiating it again "
+                           "(create_graph=True) would be wrong; use grad='unroll' (torch backend) for "
+                           "higher-order derivatives")
+
+
 class EnvelopeValue(torch.autograd.Function):
     """``value`` of a solved problem whose gradient is given by the envelope theorem.
 
@@ -103,37 +162,43 @@ class EnvelopeValue(torch.autograd.Function):
     objective at the fixed potentials; the backward pass returns
     ``upstream x plan`` for the cost (one plan materialisation through the
     backend's ``plan`` step, no graph through the iterations) and
-    ``upstream x grad_a|b`` for the marginals.
+    ``upstream x grad_a|b`` for the marginals. A second derivative through
+    it raises (see :class:`_FirstOrderOnly`).
     """
 
     @staticmethod
-    def forward(ctx, cost, a, b, terms, steps, eps):
+    def forward(ctx, cost, a, b, terms, steps, eps, shift):
         with torch.no_grad():
             value, da, db, fp, gp = terms(cost, a, b)
-        ctx.steps, ctx.eps = steps, eps
+        ctx.steps, ctx.eps, ctx.shift = steps, eps, shift
         ctx.has_da, ctx.has_db = da is not None, db is not None
-        ctx.save_for_backward(cost, fp, gp, *(x for x in (da, db) if x is not None))
+        ctx.save_for_backward(cost, a, b, fp, gp, *(x for x in (da, db) if x is not None))
         return value
 
     @staticmethod
     def backward(ctx, grad_value):
-        cost, fp, gp, *rest = ctx.saved_tensors
+        cost, a, b, fp, gp, *rest = ctx.saved_tensors
         da = rest.pop(0) if ctx.has_da else None
         db = rest.pop(0) if ctx.has_db else None
         grad_cost = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_cost = ctx.steps.plan(cost, fp, gp, ctx.eps, scale=grad_value).to(cost.dtype)
+            grad_cost = ctx.steps.plan(cost.detach(), fp, gp, ctx.eps, scale=grad_value.detach(),
+                                       shift=ctx.shift).to(cost.dtype)
         if ctx.needs_input_grad[1] and da is not None:
             grad_a = grad_value.unsqueeze(-1) * da
         if ctx.needs_input_grad[2] and db is not None:
             grad_b = grad_value.unsqueeze(-1) * db
-        return grad_cost, grad_a, grad_b, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True
+            inputs = [x for x in (cost, a, b) if x.requires_grad]
+            grad_cost, grad_a, grad_b = (None if x is None else _FirstOrderOnly.apply(x, *inputs)
+                                         for x in (grad_cost, grad_a, grad_b))
+        return grad_cost, grad_a, grad_b, None, None, None, None
 
 
-def value_of(grad, cost3, a, b, terms, steps, eps):
+def value_of(grad, cost3, a, b, terms, steps, eps, shift):
     """A lazy ``value`` for a result: envelope Function, plain autograd, or detached."""
     if grad == "envelope":
-        return lambda: EnvelopeValue.apply(cost3, a, b, terms, steps, eps)
+        return lambda: EnvelopeValue.apply(cost3, a, b, terms, steps, eps, shift)
     if grad == "unroll":
         return lambda: terms(cost3, a, b)[0]
 

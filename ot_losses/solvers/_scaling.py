@@ -28,6 +28,7 @@ import math
 import torch
 
 from . import _torch_steps
+from ._numerics import lse, no_mass, shifted_cost
 
 _TAU = {torch.float64: 200.0, torch.float32: 25.0}
 
@@ -36,14 +37,24 @@ class ScalingSteps:
     """Half-steps of ``_torch_steps`` for one cost, with a cached stabilised kernel.
 
     ``row_lse`` / ``col_lse`` have the signatures of their ``_torch_steps``
-    twins (the ``cost`` argument must be the cost this object was built for);
-    every other step is the reference's.
+    twins (the ``cost`` and ``shift`` arguments must be the ones this object
+    was built for); every other step is the reference's.
     """
 
-    def __init__(self, cost, dtype):
-        self._cost = cost.to(dtype)
+    def __init__(self, cost, dtype, shift=None, forbidden=False):
+        self._cost, self._dtype, self._shift = cost, dtype, shift
+        # All-forbidden lines have an all-zero line of K: an output of 0 there is exact.
+        allowed = torch.isfinite(cost) if forbidden else None
+        self._dead_rows = None if allowed is None else ~allowed.any(-1)
+        self._dead_cols = None if allowed is None else ~allowed.any(-2)
         self._w_max = math.exp(_TAU[dtype])
         self._w_min = math.exp(-_TAU[dtype])
+        info = torch.finfo(dtype)
+        # A kernel entry below ``tiny`` is subnormal or 0: absolute error up to
+        # ``tiny``. A mat-vec output is trusted only when those errors, summed
+        # over the reduced axis and scaled by the largest weight, stay below
+        # the working precision of the output (else: an exact step).
+        self._tiny_over_u = info.tiny / info.eps
         self._eps = None
         self._K = self._p = self._q = None
 
@@ -51,7 +62,7 @@ class ScalingSteps:
         return getattr(_torch_steps, name)
 
     def _offset(self, h, anchor, eps):
-        """``exp((h - anchor) / eps)`` if within ``exp(+-tau)`` of the cached kernel, else None.
+        """``(exp((h - anchor) / eps), max)`` if within ``exp(+-tau)`` of the cached kernel, else None.
 
         Zero-mass entries (``h = -inf``) get weight 0 and are exempt from the range.
         """
@@ -59,30 +70,51 @@ class ScalingSteps:
             return None
         w = torch.exp((h - anchor) / eps)
         lo, hi = torch.stack(torch.aminmax(w)).tolist()  # one host sync
-        if hi > self._w_max:
+        if not hi <= self._w_max:  # also catches NaN
             return None
         if lo < self._w_min and torch.where(torch.isneginf(h), self._w_max, w).min() < self._w_min:
             return None
-        return w
+        return w, hi
+
+    def _trusted(self, s, hi, n_terms, dead):
+        """Whether every mat-vec output ``s`` is far enough above the underflow noise of the kernel."""
+        ok = s > n_terms * hi * self._tiny_over_u
+        return bool((ok if dead is None else ok | dead).all())
+
+    def _exact_z(self, h, eps, dim):
+        """``(h - C~)/eps`` along ``dim`` as a fresh tensor (``dim=-1``: h is (B, M); ``-2``: (B, N))."""
+        c = shifted_cost(self._cost, self._dtype, self._shift)
+        hh = h.unsqueeze(-2) if dim == -1 else h.unsqueeze(-1)
+        return no_mass((hh - c) / eps)
+
+    def _transform(self, z_pot, dim, eps):
+        """``-eps lse`` of ``(pot - C~)/eps`` along ``dim``: the c-transform making K's lines sum to 1."""
+        return -eps * lse(z_pot, dim)
 
     def _anchor(self, p, q, eps, z, dim):
         """Reset the anchors to ``p, q`` after an exact step whose exponents were ``z``.
 
         ``z`` is ``(q_j - C_ij)/eps`` (``dim=-1``) or ``(p_i - C_ij)/eps``
         (``dim=-2``), so the kernel is ``exp(z + other/eps)`` without another
-        pass over the cost, unless an anchor entry is infinite (zero mass or
-        an all-forbidden line), which is replaced by 0.
+        pass over the cost. An infinite anchor entry (a zero-mass line, or
+        one with no partner of positive mass) is replaced by the c-transform
+        of the other anchor, so that its line of K sums to 1 instead of
+        overflowing; an all-forbidden line keeps anchor 0 (its K line is 0).
         """
-        finite_p, finite_q = torch.isfinite(p), torch.isfinite(q)
         self._eps = eps
-        if bool(finite_p.all()) and bool(finite_q.all()):
-            self._p, self._q = p, q
-            other = p.unsqueeze(-1) if dim == -1 else q.unsqueeze(-2)
-            self._K = z.add_(other / eps).exp_()
-            return
-        self._p = torch.where(finite_p, p, torch.zeros_like(p))
-        self._q = torch.where(finite_q, q, torch.zeros_like(q))
-        self._K = torch.exp((self._p.unsqueeze(-1) + self._q.unsqueeze(-2) - self._cost) / eps)
+        other = p.unsqueeze(-1) if dim == -1 else q.unsqueeze(-2)
+        K = z.add_(other / eps).exp_()
+        bad_p, bad_q = ~torch.isfinite(p), ~torch.isfinite(q)
+        if bool(bad_p.any()) or bool(bad_q.any()):
+            c = shifted_cost(self._cost, self._dtype, self._shift)
+            q_ok = q.masked_fill(bad_q, float("-inf"))
+            p = torch.where(bad_p, self._transform(no_mass((q_ok.unsqueeze(-2) - c) / eps), -1, eps), p)
+            p = p.masked_fill(~torch.isfinite(p), 0.0)
+            q = torch.where(bad_q, self._transform(no_mass((p.unsqueeze(-1) - c) / eps), -2, eps), q)
+            q = q.masked_fill(~torch.isfinite(q), 0.0)
+            fresh = torch.exp(no_mass((p.unsqueeze(-1) + q.unsqueeze(-2) - c) / eps))
+            K = torch.where(bad_p.unsqueeze(-1) | bad_q.unsqueeze(-2), fresh, K)
+        self._p, self._q, self._K = p, q, K
 
     def _bmm(self, x, y):
         # A caller's autocast region must not turn the products into fp16/bf16
@@ -90,24 +122,26 @@ class ScalingSteps:
         with torch.autocast(device_type=x.device.type, enabled=False):
             return torch.bmm(x, y)
 
-    def row_lse(self, cost, h, eps):
-        w = self._offset(h, self._q, eps)
-        if w is not None:
+    def row_lse(self, cost, h, eps, shift=None):
+        off = self._offset(h, self._q, eps)
+        if off is not None:
+            w, hi = off
             s = self._bmm(self._K, w.unsqueeze(-1)).squeeze(-1)
-            if (s > 0).all():
+            if self._trusted(s, hi, h.shape[-1], self._dead_rows):
                 return eps * torch.log(s) - self._p
-        z = (h.unsqueeze(-2) - self._cost) / eps
-        out = eps * torch.logsumexp(z, dim=-1)
+        z = self._exact_z(h, eps, -1)
+        out = eps * lse(z, -1)
         self._anchor(-out, h, eps, z, -1)
         return out
 
-    def col_lse(self, cost, h, eps):
-        w = self._offset(h, self._p, eps)
-        if w is not None:
+    def col_lse(self, cost, h, eps, shift=None):
+        off = self._offset(h, self._p, eps)
+        if off is not None:
+            w, hi = off
             s = self._bmm(w.unsqueeze(-2), self._K).squeeze(-2)
-            if (s > 0).all():
+            if self._trusted(s, hi, h.shape[-1], self._dead_cols):
                 return eps * torch.log(s) - self._q
-        z = (h.unsqueeze(-1) - self._cost) / eps
-        out = eps * torch.logsumexp(z, dim=-2)
+        z = self._exact_z(h, eps, -2)
+        out = eps * lse(z, -2)
         self._anchor(h, -out, eps, z, -2)
         return out

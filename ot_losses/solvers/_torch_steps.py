@@ -6,9 +6,18 @@ Every function here has a twin of the same name and signature in
 - ``cost`` is always 3-D ``(B, N, M)`` (any strides, fp16/bf16/fp32/fp64);
   low precision is upcast to the compute dtype of the potentials.
   ``+inf`` entries are forbidden and contribute nothing.
+- ``shift``: ``None`` or ``(r, s)``, ``(B, N)`` and ``(B, M)`` offsets in the
+  compute dtype; every step works on ``(C_ij - r_i) - s_j`` instead of
+  ``C_ij``, computed in that order. The solvers pick ``r`` from the cost's
+  own values (e.g. row minima), so ``C_ij - r_i`` is exact in floating point
+  and the potentials stay small: a cost offset of 1e6 in fp32 would
+  otherwise leave the potentials 0.06 apart from their true values.
 - Potentials and log-weights are ``(B, N)`` / ``(B, M)`` in the compute dtype
-  (fp32 or fp64). ``-inf`` in ``h`` means "zero mass": that term contributes
-  nothing. A reduction over terms that are all ``-inf`` returns ``-inf``.
+  (fp32 or fp64). ``-inf`` in ``h`` means "zero mass", ``+inf`` "no
+  partner with mass"; a term meeting a forbidden entry or ``-inf`` weight
+  contributes nothing, whatever the other operand (``inf - inf`` is no
+  mass, never NaN). A reduction over nothing returns ``-inf``, with zero
+  (not NaN) gradients.
 - ``eps`` is a Python float (absolute regularisation, cost units).
 
 These functions favour clarity over speed; the torch backend's fast path
@@ -17,66 +26,62 @@ These functions favour clarity over speed; the torch backend's fast path
 import torch
 import torch.nn.functional as F
 
-
-def _upcast(cost, like):
-    return cost.to(like.dtype)
+from ._numerics import lse, no_mass, shifted_cost
 
 
-def row_lse(cost, h, eps):
+def row_lse(cost, h, eps, shift=None):
     """``eps * lse_j((h_j - C_ij) / eps)``: cost (B, N, M), h (B, M) -> (B, N)."""
-    z = (h.unsqueeze(-2) - _upcast(cost, h)) / eps
-    return eps * torch.logsumexp(z, dim=-1)
+    z = no_mass((h.unsqueeze(-2) - shifted_cost(cost, h.dtype, shift)) / eps)
+    return eps * lse(z, -1)
 
 
-def col_lse(cost, h, eps):
+def col_lse(cost, h, eps, shift=None):
     """``eps * lse_i((h_i - C_ij) / eps)``: cost (B, N, M), h (B, N) -> (B, M)."""
-    z = (h.unsqueeze(-1) - _upcast(cost, h)) / eps
-    return eps * torch.logsumexp(z, dim=-2)
+    z = no_mass((h.unsqueeze(-1) - shifted_cost(cost, h.dtype, shift)) / eps)
+    return eps * lse(z, -2)
 
 
-def _logit(cost, u, v, eps):
-    return (u.unsqueeze(-1) + v.unsqueeze(-2) - _upcast(cost, u)) / eps
+def _logit(cost, u, v, eps, shift):
+    return no_mass((u.unsqueeze(-1) + v.unsqueeze(-2) - shifted_cost(cost, u.dtype, shift)) / eps)
 
 
-def row_sigmoid_lse(cost, u, v, eps):
+def row_sigmoid_lse(cost, u, v, eps, shift=None):
     """Log row sums of ``X = sigmoid(z)`` and of ``1 - X``, times eps.
 
     ``z_ij = (u_i + v_j - C_ij) / eps``; cost (B, N, M), u (B, N), v (B, M).
     Returns ``(eps * lse_j log sigmoid(z_ij), eps * lse_j log sigmoid(-z_ij))``,
     each (B, N). Forbidden entries (``C = +inf``) have X = 0, 1 - X = 1.
     """
-    z = _logit(cost, u, v, eps)
-    return (eps * torch.logsumexp(F.logsigmoid(z), dim=-1),
-            eps * torch.logsumexp(F.logsigmoid(-z), dim=-1))
+    z = _logit(cost, u, v, eps, shift)
+    return eps * lse(F.logsigmoid(z), -1), eps * lse(F.logsigmoid(-z), -1)
 
 
-def col_sigmoid_lse(cost, u, v, eps):
+def col_sigmoid_lse(cost, u, v, eps, shift=None):
     """Column twin of :func:`row_sigmoid_lse`: returns two (B, M) tensors."""
-    z = _logit(cost, u, v, eps)
-    return (eps * torch.logsumexp(F.logsigmoid(z), dim=-2),
-            eps * torch.logsumexp(F.logsigmoid(-z), dim=-2))
+    z = _logit(cost, u, v, eps, shift)
+    return eps * lse(F.logsigmoid(z), -2), eps * lse(F.logsigmoid(-z), -2)
 
 
-def log_plan(cost, f, g, eps):
+def log_plan(cost, f, g, eps, shift=None):
     """``(f_i + g_j - C_ij) / eps``: cost (B, N, M), f (B, N), g (B, M) -> (B, N, M).
 
     The callers fold the reference measure (``eps * log a``, ``eps * log b``)
-    into ``f`` and ``g``; forbidden entries give ``-inf``.
+    into ``f`` and ``g``; forbidden entries and zero-mass lines give ``-inf``.
     """
-    return _logit(cost, f, g, eps)
+    return _logit(cost, f, g, eps, shift)
 
 
-def plan_cost(cost, f, g, eps):
-    """``<P, C>`` with ``P = exp(log_plan(cost, f, g, eps))``: -> (B,).
+def plan_cost(cost, f, g, eps, shift=None):
+    """``<P, C>`` (the unshifted cost) with ``P = exp(log_plan(cost, f, g, eps, shift))``: -> (B,).
 
     Forbidden entries (``C = +inf``, ``P = 0``) contribute 0, not NaN.
     """
-    c = _upcast(cost, f)
-    p = torch.exp(_logit(cost, f, g, eps))
+    c = cost.to(f.dtype)
+    p = torch.exp(_logit(cost, f, g, eps, shift))
     return torch.where(p > 0, p * c, torch.zeros_like(p)).sum(dim=(-2, -1))
 
 
-def plan(cost, f, g, eps, scale=None):
-    """``exp(log_plan(cost, f, g, eps))``, times ``scale`` (B,) per problem if given."""
-    p = torch.exp(_logit(cost, f, g, eps))
+def plan(cost, f, g, eps, scale=None, shift=None):
+    """``exp(log_plan(cost, f, g, eps, shift))``, times ``scale`` (B,) per problem if given."""
+    p = torch.exp(_logit(cost, f, g, eps, shift))
     return p if scale is None else p * scale.to(p.dtype)[:, None, None]

@@ -7,7 +7,7 @@ from .. import _distributed as D
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import MultiAssignmentResult
-from ._loop import Problem, converged, make_steps, run_loop, unbatch
+from ._loop import Problem, converged, cost_shift, make_steps, run_loop, unbatch
 
 _GRADS = ("none", "unroll")
 
@@ -25,20 +25,21 @@ class _MultiAssignmentProblem(Problem):
     and likewise for ``v`` with the column targets ``c_j = k N b_j``.
     """
 
-    def __init__(self, steps, cost, k, col_target, shard=D.LOCAL):
-        self.steps, self.cost, self.shard = steps, cost, shard
+    def __init__(self, steps, cost, k, col_target, shift, shard=D.LOCAL):
+        self.steps, self.cost, self.shift, self.shard = steps, cost, shift, shard
         B, n, m = cost.shape  # this rank's block
         N, M = shard.size(cost, 1), shard.size(cost, 2)  # global sizes when the cost is split
         self.log_k, self.log_not_k = math.log(k), math.log(M - k)
         self.log_c, self.log_not_c = col_target.log(), (N - col_target).log()
         self.k = k
-        self.u = torch.zeros((B, n), dtype=col_target.dtype, device=cost.device)
-        self.v = torch.zeros((B, m), dtype=col_target.dtype, device=cost.device)
+        # 0 in the cost's own units, so the first iterates are the textbook ones.
+        self.u = -shift[0].expand(B, n).to(col_target.dtype)
+        self.v = -shift[1].expand(B, m).to(col_target.dtype)
 
     def step(self, eps):
-        l1, l0 = self.steps.row_sigmoid_lse(self.cost, self.u, self.v, eps)
+        l1, l0 = self.steps.row_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift)
         self.u = self.u + eps * (self.log_k - self.log_not_k) - l1 + l0
-        c1, c0 = self.steps.col_sigmoid_lse(self.cost, self.u, self.v, eps)
+        c1, c0 = self.steps.col_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift)
         v = self.v + eps * (self.log_c - self.log_not_c) - c1 + c0
         # Empty columns (c_j = 0) and full ones (c_j = N) sit at -inf / +inf.
         inf = torch.full_like(v, math.inf)
@@ -46,9 +47,11 @@ class _MultiAssignmentProblem(Problem):
         self.v = torch.where(torch.isneginf(self.log_c), -inf, v)
 
     def error(self, eps):
-        # Columns are exact after the column update; the row error needs one more pass.
-        l1, _ = self.steps.row_sigmoid_lse(self.cost, self.u, self.v, eps)
-        return self.shard.sum((torch.exp(l1 / eps) - self.k).abs(), D.ROWS)
+        # The per-cell bound moves X after each update: neither side is exact, measure both.
+        l1, _ = self.steps.row_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift)
+        c1, _ = self.steps.col_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift)
+        rows = self.shard.sum((torch.exp(l1 / eps) - self.k).abs(), D.ROWS)
+        return rows + self.shard.sum((torch.exp(c1 / eps) - self.log_c.exp()).abs(), D.COLS)
 
 
 def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=None, grad="none",
@@ -106,10 +109,8 @@ def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=Non
         bw = shard.marginal(b, "b", cost3, 2, batched)
         name = resolve_backend(backend, cost3.device)
         V.check_grad_backend(grad, name)
-        forbidden = V.check_cost_values(cost3)
+        forbidden, row_min = V.check_cost_values(cost3)
     mb = shard.sum(bw, D.COLS)
-    forbidden = shard.any(forbidden)
-    lines = shard.lines(cost3) if forbidden else None
     with shard.checks():
         V.check_marginal_values(bw, "b", mb)
         if not torch.allclose(mb, torch.ones_like(mb), rtol=0, atol=1e-5):
@@ -119,19 +120,22 @@ def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=Non
         if (target > N * (1 + 1e-6)).any():
             raise ValueError(f"b must satisfy k * N * b_j <= N (each column holds at most N units); "
                              f"got max k * N * b_j = {target.max().item():.6g} > N = {N}")
-        if forbidden:
-            V.check_feasible(cost3, torch.ones(cost3.shape[:2], dtype=bw.dtype, device=bw.device), bw,
-                             lines=lines, offsets=shard.offsets)
+    with shard.checks():
+        V.check_multi_feasible(cost3, k, target, complete=shard.total, offsets=shard.offsets)
 
-    steps = shard.steps(make_steps(name, grad, cost3, V.compute_dtype(cost3), scaled=False))
+    dtype = V.compute_dtype(cost3)
+    # Row and column sums are fixed, so constants added to rows or columns do not change X.
+    shift = cost_shift(cost3, row_min, dtype, per_line=True, unroll=grad == "unroll", low=shard.low)
+    steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden, scaled=False))
     unroll = grad == "unroll"
     loop_cost = cost3 if unroll else cost3.detach()
     with torch.set_grad_enabled(unroll):
         problem = _MultiAssignmentProblem(steps, loop_cost, k, target.clamp(max=N) if unroll
-                                          else target.detach().clamp(max=N), shard)
+                                          else target.detach().clamp(max=N), shift, shard)
         iters, err = run_loop(problem, eps, n_iters, tol, [], "multi_assignment_sinkhorn")
-        assignment = torch.sigmoid(steps.log_plan(loop_cost, problem.u, problem.v, eps))
+        assignment = torch.sigmoid(steps.log_plan(loop_cost, problem.u, problem.v, eps, shift=shift))
     conv = converged(err, tol, k * N)
     return MultiAssignmentResult(
-        assignment=unbatch(assignment, batched), f=unbatch(problem.u, batched), g=unbatch(problem.v, batched),
+        assignment=unbatch(assignment, batched), f=unbatch(problem.u + shift[0], batched),
+        g=unbatch(problem.v + shift[1], batched),
         n_iters=iters, marginal_error=unbatch(err, batched), converged=unbatch(conv, batched))

@@ -5,7 +5,9 @@ from .. import _distributed as D
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import PartialOTResult
-from ._loop import GRADS, Problem, converged, fold, make_steps, max_change, run_loop, unbatch, value_of
+from ._loop import (GRADS, Problem, converged, cost_shift, fold, make_steps, max_change, run_loop, unbatch,
+                    value_of)
+from ._numerics import no_mass
 from .sinkhorn import _dot
 
 METHODS = ("bregman", "dummy")
@@ -17,27 +19,30 @@ class _BregmanProblem(Problem):
     With ``P_ij = exp((f_i + g_j + t - C_ij)/eps)``, ``f, g <= 0`` (caps) and
     ``t`` (total mass) are maximised in turn in closed form, in the order of
     POT's Bregman projections (rows, columns, mass), so both converge to the
-    same plan. The mass update reuses the column pass's log-sum-exp.
+    same plan. The mass update reuses the column pass's log-sum-exp. The
+    steps see the cost minus a constant ``c`` (``shift``), which ``t``
+    absorbs: ``t`` here is ``t - c``.
     """
 
-    def __init__(self, steps, cost, log_a, log_b, log_mass, eps, shard=D.LOCAL):
+    def __init__(self, steps, cost, log_a, log_b, log_mass, eps, shift, shard=D.LOCAL):
         self.steps, self.cost, self.log_a, self.log_b, self.log_mass = steps, cost, log_a, log_b, log_mass
-        self.shard = shard
+        self.shift, self.shard = shift, shard
         B, N, M = cost.shape
         self.f = cost.new_zeros((B, N), dtype=log_a.dtype)
         self.g = cost.new_zeros((B, M), dtype=log_a.dtype)
-        self.t = self._mass_multiplier(steps.col_lse(cost, self.f, eps), eps)
+        self.t = self._mass_multiplier(steps.col_lse(cost, self.f, eps, shift=shift), eps)
         self._old = None
 
     def _mass_multiplier(self, lc, eps):
-        return eps * self.log_mass - eps * self.shard.lse((self.g + lc) / eps, D.COLS)
+        return eps * self.log_mass - eps * self.shard.lse(no_mass((self.g + lc) / eps), D.COLS)
 
     def step(self, eps):
         zero = torch.zeros((), dtype=self.f.dtype, device=self.f.device)
         t = self.t.unsqueeze(-1)
         # fold: a zero-mass row or column gets -inf even when it is entirely forbidden (-inf - -inf).
-        self.f = torch.minimum(zero, fold(-self.steps.row_lse(self.cost, self.g + t, eps), self.log_a, eps))
-        lc = self.steps.col_lse(self.cost, self.f, eps)
+        lr = self.steps.row_lse(self.cost, self.g + t, eps, shift=self.shift)
+        self.f = torch.minimum(zero, fold(-lr, self.log_a, eps))
+        lc = self.steps.col_lse(self.cost, self.f, eps, shift=self.shift)
         self.g = torch.minimum(zero, fold(-(lc + t), self.log_b, eps))
         self.t = self._mass_multiplier(lc, eps)
 
@@ -52,15 +57,21 @@ class _BregmanProblem(Problem):
     def plan_potentials(self, eps):
         return self.f + self.t.unsqueeze(-1), self.g
 
+    def potentials(self, eps):
+        """``(f, g)`` in the cost's units with the mass multiplier folded into ``f``."""
+        fp, gp = self.plan_potentials(eps)
+        return fp + self.shift[0], gp
+
     def terms(self, eps):
-        steps, shard = self.steps, self.shard
+        steps, shift, shard = self.steps, self.shift, self.shard
         fp, gp = self.plan_potentials(eps)
 
         def terms(cost, a, b):
-            r = torch.exp((fp + steps.row_lse(cost, gp, eps)) / eps)
-            c = torch.exp((gp + steps.col_lse(cost, fp, eps)) / eps)
+            r = torch.exp(no_mass((fp + steps.row_lse(cost, gp, eps, shift=shift)) / eps))
+            c = torch.exp(no_mass((gp + steps.col_lse(cost, fp, eps, shift=shift)) / eps))
+            # eps log P = f + g + t - C: the constant taken out of C comes back once per unit of mass.
             value = (shard.total(_dot(r, fp), D.ROWS) + shard.total(_dot(c, gp), D.COLS)
-                     - eps * shard.sum(r, D.ROWS))
+                     + (shift[0][..., 0] - eps) * shard.sum(r, D.ROWS))
             return value, None, None, fp, gp
         return terms
 
@@ -68,27 +79,24 @@ class _BregmanProblem(Problem):
 class _DummyProblem(Problem):
     """Balanced Sinkhorn on the cost extended by one dummy row and column (Chapel et al. 2020).
 
-    Real rows/columns cost ``xi`` to the dummy, the dummy corner ``2 xi + A``;
-    the dummy row carries ``sum b - mass``, the dummy column ``sum a - mass``.
-    The extended cost is never built: each half-step is the backend's pass
-    over the real block plus O(N + M) work for the dummy terms.
-
-    The dummy potentials are stored shifted by ``xi`` (``fd - xi``,
-    ``gd - xi``): with the dummy masses fixed, ``xi`` only adds a constant to
-    the objective, so it drops out of every update and only the corner's
-    excess cost ``A`` remains. Iterating with ``fd`` itself (~``100 max C``)
-    would lose ~1e-4 of the dummy mass to fp32 rounding.
+    The dummy row carries ``sum b - mass``, the dummy column ``sum a - mass``
+    and the dummy-dummy corner is forbidden, so the real block carries
+    exactly ``mass``. With the dummy masses fixed, the real-to-dummy cost and
+    a constant added to the real block only shift the objective: the steps
+    see the real block minus its minimum and real-to-dummy entries of cost
+    0, and ``value`` adds both back. The extended cost is never built: each
+    half-step is the backend's pass over the real block plus O(N + M) work
+    for the dummy terms.
     """
 
-    def __init__(self, steps, cost, log_a, log_b, log_ad, log_bd, xi, corner_excess, shard=D.LOCAL):
-        self.steps, self.cost, self.shard = steps, cost, shard
+    def __init__(self, steps, cost, log_a, log_b, log_ad, log_bd, shift, shard=D.LOCAL):
+        self.steps, self.cost, self.shift, self.shard = steps, cost, shift, shard
         self.log_a, self.log_b, self.log_ad, self.log_bd = log_a, log_b, log_ad, log_bd
-        self.xi, self.excess = xi, corner_excess
         B, N, M = cost.shape
         self.f = cost.new_zeros((B, N), dtype=log_a.dtype)
         self.g = cost.new_zeros((B, M), dtype=log_a.dtype)
-        self.fd = cost.new_zeros((B,), dtype=log_a.dtype)  # dummy-row potential minus xi
-        self.gd = cost.new_zeros((B,), dtype=log_a.dtype)  # dummy-column potential minus xi
+        self.fd = cost.new_zeros((B,), dtype=log_a.dtype)  # dummy-row potential
+        self.gd = cost.new_zeros((B,), dtype=log_a.dtype)  # dummy-column potential
 
     def _soft(self, lse_block, h, hd, eps, side):
         """eps-log-sum-exp over one side's real block (given) and dummy terms: real and dummy outputs.
@@ -96,16 +104,16 @@ class _DummyProblem(Problem):
         ``side``: the side ``h`` lives on (its sum may span the ranks).
         """
         real = eps * torch.logaddexp(lse_block / eps, hd.unsqueeze(-1) / eps)
-        dummy = eps * torch.logaddexp(self.shard.lse(h / eps, side), (hd - self.excess) / eps)
+        dummy = eps * self.shard.lse(h / eps, side)  # the corner is forbidden: only real partners
         return real, dummy
 
     def _rows(self, eps):
         h, hd = fold(self.g, self.log_b, eps), fold(self.gd, self.log_bd, eps)
-        return self._soft(self.steps.row_lse(self.cost, h, eps), h, hd, eps, D.COLS)
+        return self._soft(self.steps.row_lse(self.cost, h, eps, shift=self.shift), h, hd, eps, D.COLS)
 
     def _cols(self, eps):
         h, hd = fold(self.f, self.log_a, eps), fold(self.fd, self.log_ad, eps)
-        return self._soft(self.steps.col_lse(self.cost, h, eps), h, hd, eps, D.ROWS)
+        return self._soft(self.steps.col_lse(self.cost, h, eps, shift=self.shift), h, hd, eps, D.ROWS)
 
     def step(self, eps):
         lr, lrd = self._rows(eps)
@@ -115,26 +123,31 @@ class _DummyProblem(Problem):
 
     def error(self, eps):
         lr, lrd = self._rows(eps)
-        r = torch.exp(fold(self.f + lr, self.log_a, eps) / eps)
-        rd = torch.exp(fold(self.fd + lrd, self.log_ad, eps) / eps)
+        r = torch.exp(no_mass(fold(self.f + lr, self.log_a, eps) / eps))
+        rd = torch.exp(no_mass(fold(self.fd + lrd, self.log_ad, eps) / eps))
         return self.shard.sum((r - self.log_a.exp()).abs(), D.ROWS) + (rd - self.log_ad.exp()).abs()
 
     def plan_potentials(self, eps):
         return fold(self.f, self.log_a, eps), fold(self.g, self.log_b, eps)
 
+    def potentials(self, eps):
+        """``(f, g)`` in the cost's units (the plan is ``a_i b_j exp((f_i + g_j - C_ij)/eps)``)."""
+        return self.f + self.shift[0], self.g
+
     def terms(self, eps):
-        f, g, fd, gd = self.f, self.g, self.fd, self.gd
+        f, g, fd, gd, shift, shard = self.f, self.g, self.fd, self.gd, self.shift, self.shard
 
         def terms(cost, a, b):
             lr, lrd = self._rows(eps)
             lc, lcd = self._cols(eps)
-            r, rd = a * torch.exp((f + lr) / eps), self.log_ad.exp() * torch.exp((fd + lrd) / eps)
-            c, cd = b * torch.exp((g + lc) / eps), self.log_bd.exp() * torch.exp((gd + lcd) / eps)
-            shard = self.shard
+            r, rd = a * torch.exp(no_mass((f + lr) / eps)), self.log_ad.exp() * torch.exp((fd + lrd) / eps)
+            c, cd = b * torch.exp(no_mass((g + lc) / eps)), self.log_bd.exp() * torch.exp((gd + lcd) / eps)
             m_ext = shard.sum(a, D.ROWS) + self.log_ad.exp()
-            dummies, dummy_pots = torch.stack([rd, cd], -1), torch.stack([fd, gd], -1) + self.xi.unsqueeze(-1)
+            dummies, dummy_pots = torch.stack([rd, cd], -1), torch.stack([fd, gd], -1)
+            real_mass = m_ext - self.log_ad.exp() - self.log_bd.exp()
             value = (shard.total(_dot(r, f), D.ROWS) + shard.total(_dot(c, g), D.COLS)
-                     + _dot(dummies, dummy_pots) - eps * (shard.sum(r, D.ROWS) + rd - m_ext ** 2))
+                     + _dot(dummies, dummy_pots) - eps * (shard.sum(r, D.ROWS) + rd - m_ext ** 2)
+                     + shift[0][..., 0] * real_mass)
             fp, gp = self.plan_potentials(eps)
             return value, None, None, fp, gp
         return terms
@@ -155,10 +168,13 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
     - ``method="dummy"``: the dummy-point formulation used by L2RM (Chapel et
       al. 2020): a balanced problem on the cost extended by a dummy row and
       column of cost ``dummy_cost`` (default ``100 * max finite C``), dummy
-      corner ``2 * dummy_cost + max C``, dummy row mass ``sum b - mass`` and
-      dummy column mass ``sum a - mass``; the real block is returned. Its
-      entropy also covers the dummy entries, so its plan differs from the
-      bregman one by a few percent. The extended cost is never materialised.
+      row mass ``sum b - mass`` and dummy column mass ``sum a - mass``; the
+      dummy-dummy corner is forbidden, so the returned real block carries
+      exactly ``mass`` whatever the cost's offset or scale. (L2RM's literal
+      corner cost ``2 * dummy_cost + max C`` lets mass leak through the
+      corner unless ``max C >> eps``; it is not offered.) Its entropy also
+      covers the dummy entries, so its plan differs from the bregman one by
+      a few percent. The extended cost is never materialised.
 
     Args:
         cost: (N, M) or (B, N, M) floating tensor; ``+inf`` forbids an entry.
@@ -172,8 +188,9 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
             error of the extended marginals (dummy). None: run ``n_iters``.
         method: ``"bregman"`` or ``"dummy"``.
         dummy_cost: cost of the dummy entries (dummy method only). The dummy
-            masses being fixed, it adds a constant to ``value`` and leaves the
-            plan unchanged (only the corner's excess ``max C`` matters).
+            masses being fixed, it adds ``dummy_cost * (sum a + sum b - 2 mass)``
+            to ``value`` and leaves the plan unchanged; the default
+            ``100 * max C`` passes its gradient to the largest cost entry.
         grad: ``"envelope"`` (d value / d cost = plan), ``"unroll"`` or ``"none"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         process_group, shard_dim: data-parallel solve of a cost split across
@@ -209,44 +226,68 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
             dummy_cost = V.check_positive(dummy_cost, "dummy_cost")
         name = resolve_backend(backend, cost3.device)
         V.check_grad_backend(grad, name)
-        forbidden = V.check_cost_values(cost3)
+        forbidden, row_min = V.check_cost_values(cost3)
     ma, mb = shard.sum(aw, D.ROWS), shard.sum(bw, D.COLS)
-    forbidden = shard.any(forbidden)
-    lines = shard.lines(cost3) if forbidden else None
     with shard.checks():
         V.check_marginal_values(aw, "a", ma)
         V.check_marginal_values(bw, "b", mb)
         m = V.check_mass(mass, ma.unsqueeze(-1), mb.unsqueeze(-1))  # totals as one-entry marginals
-        if forbidden:
-            V.check_feasible(cost3, aw, bw, lines=lines, offsets=shard.offsets)
+    if shard.any(forbidden):
+        with shard.checks():
+            V.check_feasible(cost3, aw, bw, balanced=False, complete=shard.total, offsets=shard.offsets)
+        with shard.checks():
+            V.check_partial_feasible(cost3, aw, bw, m, complete=shard.total)
 
     dtype = V.compute_dtype(cost3)
-    steps = shard.steps(make_steps(name, grad, cost3, dtype))
+    # A fixed transported mass makes the plan invariant to a constant added to the cost (not to
+    # row or column offsets: the marginals are only bounds).
+    shift = cost_shift(cost3, row_min, dtype, per_line=False, unroll=grad == "unroll", low=shard.low)
+    steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden))
     unroll = grad == "unroll"
     loop_cost = cost3 if unroll else cost3.detach()
     la, lb = (aw, bw) if unroll else (aw.detach(), bw.detach())
     with torch.set_grad_enabled(unroll):
         if method == "bregman":
-            problem = _BregmanProblem(steps, loop_cost, la.log(), lb.log(), m.log(), eps, shard)
+            problem = _BregmanProblem(steps, loop_cost, la.log(), lb.log(), m.log(), eps, shift, shard)
         else:
-            finite = torch.where(torch.isfinite(cost3), cost3, torch.zeros((), dtype=cost3.dtype,
-                                                                           device=cost3.device))
-            c_max = shard.peak_all(finite.amax(dim=(-2, -1)).to(dtype))
-            c_max = c_max if unroll else c_max.detach()
-            xi = torch.full_like(c_max, dummy_cost) if dummy_cost is not None else 100 * c_max
             ta, tb = (ma, mb) if unroll else (ma.detach(), mb.detach())
-            problem = _DummyProblem(steps, loop_cost, la.log(), lb.log(), (tb - m).log(),
-                                    (ta - m).log(), xi, c_max, shard)
+            problem = _DummyProblem(steps, loop_cost, la.log(), lb.log(), (tb - m).log(), (ta - m).log(),
+                                    shift, shard)
         iters, err = run_loop(problem, eps, n_iters, tol, [], "partial_ot")
     fp, gp = problem.plan_potentials(eps)
+    f, g = problem.potentials(eps)
     if method == "bregman":
         scale = torch.full_like(err, eps)
     else:
         scale = (ma + mb - m).detach()
     conv = converged(err, tol, scale)
+    value = value_of(grad, cost3, aw, bw, problem.terms(eps), steps, eps, shift)
+    if method == "dummy":
+        value = _with_dummy_cost(value, cost3, ma, mb, m, dummy_cost, grad, shard)
     return PartialOTResult(
-        f=unbatch(problem.f, batched), g=unbatch(problem.g, batched), n_iters=iters,
+        f=unbatch(f, batched), g=unbatch(g, batched), n_iters=iters,
         marginal_error=unbatch(err, batched), converged=unbatch(conv, batched),
         _cost=loop_cost, _fp=fp, _gp=gp, _eps=eps, _batched=batched,
-        _steps=steps, _differentiable=unroll, _shard=shard,
-        _value_fn=value_of(grad, cost3, aw, bw, problem.terms(eps), steps, eps))
+        _steps=steps, _differentiable=unroll, _value_fn=value, _shift=shift, _shard=shard)
+
+
+def _with_dummy_cost(value_fn, cost3, ma, mb, m, dummy_cost, grad, shard):
+    """``value`` plus the real-to-dummy transport ``xi (sum a + sum b - 2 mass)`` (``ma``, ``mb`` the sums).
+
+    ``xi = dummy_cost``, or ``100 * max C`` computed with autograd so that
+    its gradient reaches the largest entry (none with ``grad="none"``; with a
+    group, the entry on whichever rank holds it).
+    """
+
+    def value():
+        with torch.set_grad_enabled(grad != "none" and torch.is_grad_enabled()):
+            if dummy_cost is not None:
+                xi = torch.full((cost3.shape[0],), dummy_cost, dtype=ma.dtype, device=ma.device)
+            else:
+                finite = cost3.masked_fill(~torch.isfinite(cost3), float("-inf"))
+                local = finite.amax(dim=(-2, -1)).to(ma.dtype)
+                top = shard.peak_all(local.detach())
+                # Only the rank holding the maximum keeps the autograd path to it.
+                xi = 100 * torch.where(local == top, local, top)
+            return value_fn() + xi * (ma + mb - 2 * m)
+    return value

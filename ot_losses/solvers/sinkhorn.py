@@ -7,7 +7,9 @@ from .. import _distributed as D
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import SinkhornResult
-from ._loop import GRADS, Problem, converged, fold, make_steps, max_change, run_loop, unbatch, value_of
+from ._loop import (GRADS, Problem, converged, cost_shift, fold, make_steps, max_change, run_loop,
+                    start_potentials, unbatch, value_of)
+from ._numerics import no_mass
 
 
 def _damping(rho, eps):
@@ -15,26 +17,48 @@ def _damping(rho, eps):
 
 
 class _SinkhornProblem(Problem):
-    """Row update then column update; ``reach`` damps each by ``rho / (rho + eps)``.
+    """Row update then column update on the shifted cost ``C~ = C - r - s``.
 
-    ``fused(cost, log_a, log_b, f, g, eps, count) -> (f, g)``, when given, runs
-    ``count`` balanced iterations at once (the Triton small-problem kernel).
+    The potentials are stored shifted too (``f~ = f - r``, ``g~ = g - s``),
+    which leaves the balanced updates unchanged; ``reach`` damps each update
+    by ``d = rho / (rho + eps)``, which in shifted form reads
+    ``f~ = -d L~ - (1 - d) r``.
+
+    ``fused(cost, log_a, log_b, f, g, eps, count, shift) -> (f, g)``, when
+    given, runs ``count`` balanced iterations at once (the Triton
+    small-problem kernel).
     """
 
-    def __init__(self, steps, cost, log_a, log_b, f, g, rho, fused=None, shard=D.LOCAL):
+    def __init__(self, steps, cost, log_a, log_b, f, g, rho, shift, fused=None, shard=D.LOCAL):
         self.steps, self.cost, self.log_a, self.log_b = steps, cost, log_a, log_b
-        self.f, self.g, self.rho, self.fused, self.shard = f, g, rho, fused, shard
+        self.f, self.g, self.rho, self.shift, self.fused, self.shard = f, g, rho, shift, fused, shard
         self._old = None
+        self._next_row = None  # the row pass of the last check, valid until g changes
 
     def run(self, eps, count):
         if self.fused is None or count == 0:
             return super().run(eps, count)
-        self.f, self.g = self.fused(self.cost, self.log_a, self.log_b, self.f, self.g, eps, count)
+        self._next_row = None
+        self.f, self.g = self.fused(self.cost, self.log_a, self.log_b, self.f, self.g, eps, count,
+                                    shift=self.shift)
+
+    def _row_pass(self, eps):
+        return self.steps.row_lse(self.cost, fold(self.g, self.log_b, eps), eps, shift=self.shift)
 
     def step(self, eps):
-        da, db = (1.0, 1.0) if self.rho is None else (_damping(self.rho[0], eps), _damping(self.rho[1], eps))
-        self.f = -da * self.steps.row_lse(self.cost, fold(self.g, self.log_b, eps), eps)
-        self.g = -db * self.steps.col_lse(self.cost, fold(self.f, self.log_a, eps), eps)
+        lr, self._next_row = self._next_row, None
+        if lr is None:
+            lr = self._row_pass(eps)
+        lc = None
+        if self.rho is None:
+            self.f = -lr
+            lc = self.steps.col_lse(self.cost, fold(self.f, self.log_a, eps), eps, shift=self.shift)
+            self.g = -lc
+            return
+        (da, db), (r, s) = (_damping(self.rho[0], eps), _damping(self.rho[1], eps)), self.shift
+        self.f = -da * lr - (1 - da) * r
+        lc = self.steps.col_lse(self.cost, fold(self.f, self.log_a, eps), eps, shift=self.shift)
+        self.g = -db * lc - (1 - db) * s
 
     def mark(self):
         self._old = (self.f, self.g)
@@ -43,9 +67,11 @@ class _SinkhornProblem(Problem):
         if self.rho is not None:  # the optimum does not meet the marginals: report the potential change
             return torch.maximum(self.shard.peak(max_change(self.f, self._old[0]), D.ROWS),
                                  self.shard.peak(max_change(self.g, self._old[1]), D.COLS))
-        # Columns are exact after the column update; rows: r_i = a_i exp((f_i + L_i)/eps).
-        lr = self.steps.row_lse(self.cost, fold(self.g, self.log_b, eps), eps)
-        r = torch.exp(fold(self.f + lr, self.log_a, eps) / eps)
+        # Columns are exact after the column update; rows: r_i = a_i exp((f_i + L_i)/eps), with L
+        # the next iteration's row pass (kept for it). Zero-mass rows count 0.
+        lr = self._row_pass(eps)
+        self._next_row = lr
+        r = torch.exp(no_mass(fold(self.f + lr, self.log_a, eps) / eps))
         return self.shard.sum((r - self.log_a.exp()).abs(), D.ROWS)
 
 
@@ -59,33 +85,38 @@ def _dot(x, pot):
     return torch.where(x > 0, x * pot, torch.zeros_like(x)).sum(-1)
 
 
-def _value_terms(steps, eps, rho, f, g, shard=D.LOCAL):
-    """Closure evaluating the objective at potentials ``(f, g)`` for :class:`EnvelopeValue`.
+def _value_terms(steps, eps, rho, f, g, shift, shard=D.LOCAL):
+    """Closure evaluating the objective at shifted potentials ``(f, g)`` for :class:`EnvelopeValue`.
 
-    Sums over a side go through ``shard`` (complete across the ranks when that side is split).
+    With ``r, c`` the plan's row and column sums, ``value = <r, f> + <c, g> -
+    eps (sum r - |a| |b|)`` (+ the KL penalties), in the cost's own units
+    (``f = f~ + r_off``). Its derivative in ``a_i`` is the dual potential
+    minus the entropic term: ``f_i`` (balanced side) or
+    ``rho (1 - exp(-f_i / rho))`` (KL side), which is finite even where
+    ``f_i = +inf`` (a line with nothing to reach). Sums over a side go
+    through ``shard`` (complete across the ranks when that side is split).
     """
 
     def terms(cost, a, b):
         log_a, log_b = a.log(), b.log()
         fp, gp = fold(f, log_a, eps), fold(g, log_b, eps)
-        lr = steps.row_lse(cost, gp, eps)
-        lc = steps.col_lse(cost, fp, eps)
-        log_rr, log_cr = (f + lr) / eps, (g + lc) / eps  # log(r / a), log(c / b)
+        lr = steps.row_lse(cost, gp, eps, shift=shift)
+        lc = steps.col_lse(cost, fp, eps, shift=shift)
+        log_rr, log_cr = no_mass((f + lr) / eps), no_mass((g + lc) / eps)  # log(r / a), log(c / b)
         r, c = a * log_rr.exp(), b * log_cr.exp()
         ma, mb = shard.sum(a, D.ROWS), shard.sum(b, D.COLS)
-        value = (shard.total(_dot(r, f), D.ROWS) + shard.total(_dot(c, g), D.COLS)
+        fo, go = f + shift[0], g + shift[1]
+        value = (shard.total(_dot(r, fo), D.ROWS) + shard.total(_dot(c, go), D.COLS)
                  - eps * (shard.sum(r, D.ROWS) - ma * mb))
-        da = f - eps * (log_rr.exp() - mb.unsqueeze(-1))
-        db = g - eps * (log_cr.exp() - ma.unsqueeze(-1))
+        duals = [fo, go]
         if rho is not None:
             for i, (rh, w, x, lx) in enumerate(((rho[0], a, r, log_rr), (rho[1], b, c, log_cr))):
-                if math.isinf(rh):
-                    continue
-                value = value + rh * shard.total(_kl(x, lx, w), (D.ROWS, D.COLS)[i])
-                # d/da of -rho <a, exp(-f/rho) - 1> replaces the balanced f term.
-                pot = f if i == 0 else g
-                dual = rh * (1 - torch.exp(-pot / rh)) - pot
-                da, db = (da + dual, db) if i == 0 else (da, db + dual)
+                if not math.isinf(rh):
+                    value = value + rh * shard.total(_kl(x, lx, w), (D.ROWS, D.COLS)[i])
+                    # d/da of -rho <a, exp(-f/rho) - 1> replaces the balanced f term.
+                    duals[i] = rh * (1 - torch.exp(-duals[i] / rh))
+        da = duals[0] - eps * (log_rr.exp() - mb.unsqueeze(-1))
+        db = duals[1] - eps * (log_cr.exp() - ma.unsqueeze(-1))
         return value, da, db, fp, gp
 
     return terms
@@ -183,25 +214,26 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
         init = V.check_init(init, cost3, batched)
         name = resolve_backend(backend, cost3.device)
         V.check_grad_backend(grad, name)
-        forbidden = V.check_cost_values(cost3)
+        forbidden, row_min = V.check_cost_values(cost3)
     ma, mb = shard.sum(aw, D.ROWS), shard.sum(bw, D.COLS)
-    forbidden = shard.any(forbidden)
-    lines = shard.lines(cost3) if forbidden else None
     with shard.checks():
         V.check_marginal_values(aw, "a", ma)
         V.check_marginal_values(bw, "b", mb)
         if rho is None or all(math.isinf(r) for r in rho):
             rho = None
             V.check_equal_mass(ma.unsqueeze(-1), mb.unsqueeze(-1))  # totals as one-entry marginals
-        if forbidden:
-            V.check_feasible(cost3, aw, bw, lines=lines, offsets=shard.offsets)
+    if shard.any(forbidden):
+        with shard.checks():
+            V.check_feasible(cost3, aw, bw, balanced=rho is None, complete=shard.total, offsets=shard.offsets)
 
     dtype = V.compute_dtype(cost3)
-    steps = shard.steps(make_steps(name, grad, cost3, dtype))
+    # Balanced plans do not change when a constant is added to a row or a column; unbalanced ones
+    # do, so only one constant per problem is taken out there.
+    shift = cost_shift(cost3, row_min, dtype, per_line=rho is None,
+                       unroll=grad == "unroll", low=shard.low)
+    steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden))
     B, N, M = cost3.shape
-    if init is None:
-        init = (cost3.new_zeros((B, N), dtype=dtype), cost3.new_zeros((B, M), dtype=dtype))
-    f, g = init
+    f, g = start_potentials(init, shift, cost3.shape, dtype, cost3.device)
     unroll = grad == "unroll"
     loop_cost = cost3 if unroll else cost3.detach()
     with torch.set_grad_enabled(unroll):
@@ -209,13 +241,14 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
         fused = None
         if name == "triton" and rho is None and steps.balanced_small_supported(N, M, dtype):
             fused = steps.balanced_small  # all iterations between checks in one launch
-        problem = _SinkhornProblem(steps, loop_cost, log_a, log_b, f, g, rho, fused, shard)
+        problem = _SinkhornProblem(steps, loop_cost, log_a, log_b, f, g, rho, shift, fused, shard)
         iters, err = run_loop(problem, eps, n_iters, tol, schedule, "sinkhorn")
     f, g = problem.f, problem.g  # outside "unroll" the loop ran without grad: already detached
     scale = ma.detach() if rho is None else torch.full_like(err, eps)
     return SinkhornResult(
-        f=unbatch(f, batched), g=unbatch(g, batched), n_iters=iters, marginal_error=unbatch(err, batched),
-        converged=unbatch(converged(err, tol, scale), batched),
+        f=unbatch(f + shift[0], batched), g=unbatch(g + shift[1], batched), n_iters=iters,
+        marginal_error=unbatch(err, batched), converged=unbatch(converged(err, tol, scale), batched),
         _cost=loop_cost, _fp=fold(f, log_a, eps), _gp=fold(g, log_b, eps), _eps=eps,
-        _batched=batched, _steps=steps, _differentiable=unroll,
-        _value_fn=value_of(grad, cost3, aw, bw, _value_terms(steps, eps, rho, f, g, shard), steps, eps))
+        _batched=batched, _steps=steps, _differentiable=unroll, _shift=shift,
+        _value_fn=value_of(grad, cost3, aw, bw, _value_terms(steps, eps, rho, f, g, shift, shard), steps, eps,
+                           shift))
