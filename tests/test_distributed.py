@@ -41,9 +41,12 @@ def _marginal(gen, size, batch=(), total=1.0, zero=None):
 
 
 def _case(cid, solver, n, m, dim, sizes, *, batch=(), backend="torch", uniform=False, forbid=None, seed=0,
-          total_b=1.0, zero_a=None, init=False, **kw):
+          total_b=1.0, zero_a=None, init=False, offsets=0.0, **kw):
     gen = torch.Generator().manual_seed(seed)
     cost = torch.rand(*batch, n, m, generator=gen, dtype=F64)
+    if offsets:  # large row and column offsets: the solvers take out minima over the whole cost
+        cost = (cost + offsets * torch.rand(*batch, n, 1, generator=gen, dtype=F64)
+                + offsets * torch.rand(*batch, 1, m, generator=gen, dtype=F64))
     if solver == "multi":
         cost = -0.75 * cost
     if forbid == "diagonal":
@@ -157,6 +160,11 @@ def _cases_two():
           method="dummy", total_b=1.2, seed=7),
         c("multi-rows-uneven-tol", "multi", 13, 8, 0, [6, 7], k=3, eps=0.07, n_iters=500, tol=1e-9, seed=8),
         c("multi-cols-batched", "multi", 12, 8, 1, [3, 5], batch=(2,), k=2.5, eps=0.07, n_iters=40, seed=9),
+        c("sinkhorn-cols-offsets", "sinkhorn", 10, 9, 1, [5, 4], eps=0.05, n_iters=60, offsets=1e3, seed=16),
+        c("sinkhorn-rows-offsets", "sinkhorn", 10, 9, 0, [2, 8], eps=0.05, n_iters=60, offsets=1e3, seed=17),
+        c("bregman-rows-offsets", "partial", 10, 9, 0, [6, 4], eps=0.1, n_iters=60, offsets=50.0, mass=0.5,
+          seed=18),
+        c("multi-cols-offsets", "multi", 10, 9, 1, [4, 5], k=3, eps=0.07, n_iters=40, offsets=1e3, seed=19),
         c("triton-sinkhorn-cols-tol", "sinkhorn", 9, 7, 1, [3, 4], backend="triton", eps=0.1, n_iters=20,
           tol=1e-12, seed=10),
         c("triton-unbalanced-rows", "sinkhorn", 9, 7, 0, [5, 4], backend="triton", eps=0.1, n_iters=12,
