@@ -94,6 +94,14 @@ class Local:
         """:func:`_validate.check_marginal`; ``None`` is uniform over the side's global size."""
         return V.check_marginal(x, name, cost3, dim, batched)
 
+    def totals(self, a, b):
+        """``(sum a, sum b)`` over the whole problem, ``(B,)`` each, after the marginals' value checks."""
+        ma, mb = self.sum(a, ROWS), self.sum(b, COLS)
+        with self.checks():
+            V.check_marginal_values(a, "a", ma)
+            V.check_marginal_values(b, "b", mb)
+        return ma, mb
+
     offsets = (0, 0)  # global index of this block's first row and column
 
     def checks(self):

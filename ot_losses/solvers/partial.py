@@ -227,10 +227,8 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
         name = resolve_backend(backend, cost3.device)
         V.check_grad_backend(grad, name)
         forbidden, row_min = V.check_cost_values(cost3)
-    ma, mb = shard.sum(aw, D.ROWS), shard.sum(bw, D.COLS)
+    ma, mb = shard.totals(aw, bw)
     with shard.checks():
-        V.check_marginal_values(aw, "a", ma)
-        V.check_marginal_values(bw, "b", mb)
         m = V.check_mass(mass, ma.unsqueeze(-1), mb.unsqueeze(-1))  # totals as one-entry marginals
     if shard.any(forbidden):
         with shard.checks():
