@@ -1,11 +1,14 @@
-"""Data-parallel solves (``process_group``, ``shard_dim``) on spawned gloo processes.
+"""Data-parallel solves and losses (``process_group``, ``shard_dim``) on spawned gloo processes.
 
 Each rank solves its block of a float64 cost; the blocks of the sharded-side
 outputs, concatenated in rank order, must equal the one-process solve of the
 whole cost (relative error 1e-10), and the global outputs (other potential,
 ``value``, ``marginal_error``, ``n_iters``, ...) must be identical on every
-rank and equal to the one-process ones. One spawn runs a whole grid of
-cases, so the file stays well under a minute.
+rank and equal to the one-process ones. Bad shards must raise the same error
+on every rank, and DDP training with the losses must equal one process on
+the whole batch. Process start-up dominates on small CPUs, so everything
+runs in one spawn of 3 processes: the three-rank grid on the whole group,
+the two-rank checks on the group of global ranks 1 and 2.
 """
 import re
 
@@ -100,12 +103,12 @@ def _local_inputs(case, rank):
     return shard(case["cost"], side, sizes, rank).clone(), a, b, kw
 
 
-def _solve_cases(rank, world, cases):
+def _solve_cases(rank, group, cases):
     out = {}
     for case in cases:
         cost, a, b, kw = _local_inputs(case, rank)
         cost.requires_grad_(case["solver"] != "multi")
-        res = _solve(case, cost, a, b, kw, process_group=dist.group.WORLD, shard_dim=case["dim"])
+        res = _solve(case, cost, a, b, kw, process_group=group, shard_dim=case["dim"])
         out[case["id"]] = _summary(case, res, cost)
     return out
 
@@ -165,15 +168,16 @@ def _cases_two():
         c("bregman-rows-offsets", "partial", 10, 9, 0, [6, 4], eps=0.1, n_iters=60, offsets=50.0, mass=0.5,
           seed=18),
         c("multi-cols-offsets", "multi", 10, 9, 1, [4, 5], k=3, eps=0.07, n_iters=40, offsets=1e3, seed=19),
-        c("triton-sinkhorn-cols-tol", "sinkhorn", 9, 7, 1, [3, 4], backend="triton", eps=0.1, n_iters=20,
+        # The Triton interpreter is slow on CPU: few iterations (the first check comes at n_iters).
+        c("triton-sinkhorn-cols-tol", "sinkhorn", 9, 7, 1, [3, 4], backend="triton", eps=0.1, n_iters=5,
           tol=1e-12, seed=10),
-        c("triton-unbalanced-rows", "sinkhorn", 9, 7, 0, [5, 4], backend="triton", eps=0.1, n_iters=12,
+        c("triton-unbalanced-rows", "sinkhorn", 9, 7, 0, [5, 4], backend="triton", eps=0.1, n_iters=4,
           reach=0.5, seed=11),
-        c("triton-bregman-cols", "partial", 8, 9, 1, [4, 5], backend="triton", eps=0.1, n_iters=12,
+        c("triton-bregman-cols", "partial", 8, 9, 1, [4, 5], backend="triton", eps=0.1, n_iters=4,
           mass=0.5, seed=12),
         c("triton-dummy-rows-batched", "partial", 9, 7, 0, [4, 5], batch=(2,), backend="triton", eps=0.1,
-          n_iters=12, mass=0.5, method="dummy", seed=13),
-        c("triton-multi-cols", "multi", 9, 8, 1, [5, 3], backend="triton", k=3, eps=0.07, n_iters=12,
+          n_iters=4, mass=0.5, method="dummy", seed=13),
+        c("triton-multi-cols", "multi", 9, 8, 1, [5, 3], backend="triton", k=3, eps=0.07, n_iters=4,
           seed=14),
     ]
 
@@ -189,21 +193,37 @@ def _cases_three():
         c("3-dummy-rows", "partial", 12, 10, 0, [3, 3, 6], eps=0.1, n_iters=80, mass=0.5, method="dummy",
           seed=23),
         c("3-multi-cols", "multi", 11, 9, 1, [3, 3, 3], k=2, eps=0.07, n_iters=40, seed=25),
-        c("3-triton-multi-rows", "multi", 9, 6, 0, [3, 2, 4], backend="triton", k=2, eps=0.07, n_iters=8,
+        c("3-triton-multi-rows", "multi", 9, 6, 0, [3, 2, 4], backend="triton", k=2, eps=0.07, n_iters=4,
           seed=26),
     ]
 
 
-def _two_ranks_worker(rank, world, _):
-    """Everything checked on two ranks, in one spawn (process start-up dominates on small CPUs)."""
-    return {"solve": _solve_cases(rank, world, _cases_two()), "raise": _raise_cases(rank, world, None),
-            "ddp": _ddp_cases(rank, world, KINDS)}
+def _worker(rank, world, _):
+    """Every check in one spawn of 3 processes (process start-up dominates on small CPUs).
+
+    The three-rank grid runs on the whole group; the two-rank checks on the
+    group of global ranks 1 and 2 (group ranks 0 and 1), while rank 0 waits.
+    """
+    pair = dist.new_group([1, 2])
+    out = {"three": _solve_cases(rank, dist.group.WORLD, _cases_three())}
+    if rank > 0:
+        r = dist.get_rank(pair)
+        out.update(solve=_solve_cases(r, pair, _cases_two()), raise_=_raise_cases(r, pair),
+                   ddp=_ddp_cases(r, pair))
+    dist.barrier()
+    return out
 
 
 @pytest.fixture(scope="module")
-def two_ranks():
-    """Per rank: the solve grid, the bad-shard errors and the DDP runs (see the tests below)."""
-    return spawn(_two_ranks_worker, 2, None)
+def ranks():
+    """Per global rank: the three-rank grid and (ranks 1, 2) the two-rank solves, errors and DDP runs."""
+    return spawn(_worker, 3, None)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(ranks):
+    """The two-rank results, in group rank order."""
+    return ranks[1:]
 
 
 def test_sharded_solve_equals_one_process_two_ranks(two_ranks):
@@ -211,19 +231,17 @@ def test_sharded_solve_equals_one_process_two_ranks(two_ranks):
         _check_case(case, [r["solve"][case["id"]] for r in two_ranks])
 
 
-def test_sharded_solve_equals_one_process_three_ranks():
-    cases = _cases_three()
-    ranks = spawn(_solve_cases, 3, cases)
-    for case in cases:
-        _check_case(case, [r[case["id"]] for r in ranks])
+def test_sharded_solve_equals_one_process_three_ranks(ranks):
+    for case in _cases_three():
+        _check_case(case, [r["three"][case["id"]] for r in ranks])
 
 
 # ----------------------------------------------------------------------------- bad shards
-def _bad_inputs(rank):
+def _bad_inputs(rank, group):
     """(case id, call) pairs whose input is wrong on some rank(s); every rank must raise the same error."""
     g = torch.Generator().manual_seed(rank)
     rand = lambda *s: torch.rand(*s, generator=g, dtype=F64)  # noqa: E731
-    world = dict(process_group=dist.group.WORLD)
+    world = dict(process_group=group)
     cost_nan = rand(4, 5)
     if rank == 1:
         cost_nan[0, 0] = float("nan")
@@ -276,9 +294,9 @@ EXPECTED = {
 }
 
 
-def _raise_cases(rank, world, _):
+def _raise_cases(rank, group):
     out = {}
-    for cid, call in _bad_inputs(rank):
+    for cid, call in _bad_inputs(rank, group):
         try:
             call()
             out[cid] = None
@@ -286,18 +304,18 @@ def _raise_cases(rank, world, _):
             out[cid] = (type(exc), str(exc))
     # The group is still in step after the errors: a valid solve, k above the local M but below the global.
     cost = torch.rand(4, 3, generator=torch.Generator().manual_seed(rank), dtype=F64)
-    res = multi_assignment_sinkhorn(cost, k=4, process_group=dist.group.WORLD, shard_dim=1, n_iters=5)
+    res = multi_assignment_sinkhorn(cost, k=4, process_group=group, shard_dim=1, n_iters=5)
     out["after"] = res.marginal_error
     # The LSE all-reduce: entries -inf on every rank stay -inf (no NaN), others match logsumexp.
     x = torch.tensor([[0.5, -torch.inf, -torch.inf, 700.0 * (rank + 1)]], dtype=F64)
     x[0, 1] = -torch.inf if rank else 3.0
-    shard_ = D.Shard(dist.group.WORLD, D.ROWS, [1, 1], rank)
+    shard_ = D.Shard(group, D.ROWS, [1, 1], rank)
     out["lse"] = (x, shard_.combine_lse(x, 0.5))
     return out
 
 
 def test_bad_shard_raises_same_error_on_every_rank(two_ranks):
-    ranks = [r["raise"] for r in two_ranks]
+    ranks = [r["raise_"] for r in two_ranks]
     for cid, (kind, pattern) in EXPECTED.items():
         got = [r[cid] for r in ranks]
         assert got[0] is not None, f"{cid}: no error raised"
@@ -365,10 +383,10 @@ def _train(kind, group=None, rank=0, world=1):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, torch.stack(losses)
 
 
-def _ddp_cases(rank, world, kinds):
-    out = {kind: _train(kind, dist.group.WORLD, rank, world) for kind in kinds}
+def _ddp_cases(rank, group):
+    out = {kind: _train(kind, group, rank, 2) for kind in KINDS}
     # A loss module left outside DDP whose prototypes drifted: every rank warns.
-    loss_fn = SwAMPLoss(4, n_prototypes=5, process_group=dist.group.WORLD).double()
+    loss_fn = SwAMPLoss(4, n_prototypes=5, process_group=group).double()
     if rank == 1:
         with torch.no_grad():
             loss_fn.prototypes[0, 0] += 0.1
