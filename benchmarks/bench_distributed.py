@@ -36,13 +36,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # the shared otbench package
+    sys.path.insert(0, str(HERE))
+from otbench.env import DEFAULT_OUT, device_info, git_commit, version_of  # noqa: E402  (puts ot_losses first)
+
 from ot_losses import sinkhorn  # noqa: E402
 from ot_losses._distributed import comm_bytes  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_sinkhorn import _version, device_info, git_commit  # noqa: E402
 
 DTYPES = {"f64": torch.float64, "f32": torch.float32}
 EPS = 0.05
@@ -125,7 +125,7 @@ def main():
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args()
 
     gpus = torch.cuda.device_count()
@@ -172,7 +172,7 @@ def main():
     name, slug = device_info(device)
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = dict(device=name, date=now.date().isoformat(), git_commit=git_commit(), torch=torch.__version__,
-                triton=_version("triton"), world=args.world, comm=comm, threads_per_rank=threads,
+                triton=version_of("triton"), world=args.world, comm=comm, threads_per_rank=threads,
                 iters=args.iters, repeats=args.repeats, eps=EPS, backend=args.backend, argv=sys.argv[1:],
                 load_avg=[round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None)
     header = ("| shard | global N x M | dtype | ms / iter [p20-p80] | one process, whole cost "

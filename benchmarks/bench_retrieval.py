@@ -35,7 +35,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -44,9 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ot_losses.losses import L2RMLoss, MultiSKLoss, SwAMPLoss, info_nce_loss, split_clean_noisy
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # the shared otbench package, also when this file is imported by path
+    sys.path.insert(0, HERE)
+
+from otbench.env import DEFAULT_OUT, git_commit  # noqa: E402  (puts this checkout's ot_losses first)
+
+from ot_losses.losses import L2RMLoss, MultiSKLoss, SwAMPLoss, info_nce_loss, split_clean_noisy  # noqa: E402
 RATES = (0.0, 0.2, 0.5)
 SEEDS = (0, 1, 2)
 TUNE_SEED = 100
@@ -139,12 +142,9 @@ def per_pair_infonce(enc_a, enc_b, a, b, temperature):
     """Symmetric InfoNCE of each pair against all other training pairs (for the split)."""
     with torch.no_grad():
         enc_a.eval(), enc_b.eval()
-        za, zb = F.normalize(enc_a(a), dim=1), F.normalize(enc_b(b), dim=1)
+        za, zb = enc_a(a), enc_b(b)
         enc_a.train(), enc_b.train()
-        logits = za @ zb.T / temperature
-        idx = torch.arange(len(a))
-        return 0.5 * (F.cross_entropy(logits, idx, reduction="none")
-                      + F.cross_entropy(logits.T, idx, reduction="none"))
+        return info_nce_loss(za, zb, temperature=temperature, reduction="none")
 
 
 def train(method, knob, data, rate, seed, *, epochs, batch=128, temperature=0.1, eval_split="test"):
@@ -217,14 +217,6 @@ def train(method, knob, data, rate, seed, *, epochs, batch=128, temperature=0.1,
 
 
 # ----------------------------------------------------------------------------- driver
-def _git_commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                                       stderr=subprocess.DEVNULL).decode().strip()
-    except Exception:
-        return None
-
-
 def _mean_std(values):
     v = np.asarray(values, dtype=np.float64)
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
@@ -232,7 +224,7 @@ def _mean_std(values):
 
 def run(quick=False, out_dir=None, epochs=None, threads=1):
     torch.set_num_threads(threads)
-    out_dir = out_dir or os.path.join(HERE, "results")
+    out_dir = out_dir or str(DEFAULT_OUT)
     os.makedirs(out_dir, exist_ok=True)
     epochs = epochs or (2 if quick else 30)
     seeds = SEEDS[:1] if quick else SEEDS
@@ -285,7 +277,7 @@ def run(quick=False, out_dir=None, epochs=None, threads=1):
         "rows": rows, "total_seconds": time.perf_counter() - t_start,
         "env": {"torch": torch.__version__, "python": platform.python_version(), "threads": threads,
                 "device": "cpu", "machine": platform.processor() or platform.machine(),
-                "commit": _git_commit(),
+                "commit": git_commit(short=True),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
     }
     with open(os.path.join(out_dir, "retrieval.json"), "w") as fh:

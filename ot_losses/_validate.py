@@ -5,7 +5,8 @@ values syncs a GPU); value checks (NaN, sign, mass) come last. Messages name
 the argument, what was expected and what was received.
 """
 import math
-from numbers import Real
+from numbers import Integral, Real
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -67,14 +68,17 @@ def check_same_device(x, name, cost, cost_name="cost"):
 
 
 def check_cost_values(cost3, name="cost"):
-    """No NaN and no ``-inf``; returns ``(forbidden, row_min)``.
+    """No NaN and no ``-inf``; returns ``(forbidden, stats)``.
 
-    ``forbidden``: whether ``+inf`` (forbidden) entries exist; ``row_min``
-    ``(B, N)``: the smallest entry of each row (``+inf`` for an all-forbidden
-    row), which the solvers subtract from the cost. One pass over the cost
-    and one host sync.
+    ``forbidden``: whether ``+inf`` (forbidden) entries exist. ``stats``:
+    ``(row_min, row_max, col_min, col_max)``, ``(B, N)`` and ``(B, M)``, the
+    extreme allowed entries of each line (``+inf`` / ``-inf`` for an
+    all-forbidden line), from which the solvers choose the offsets they
+    subtract from the cost. Two passes over the cost (three with forbidden
+    entries) and one host sync.
     """
     row_min, row_max = torch.aminmax(cost3, dim=-1)  # NaN propagates into both
+    col_min, col_max = torch.aminmax(cost3, dim=-2)
     nan, neg, pos = torch.stack([torch.isnan(row_min).any(), torch.isneginf(row_min).any(),
                                  torch.isposinf(row_max).any()]).tolist()
     if nan:
@@ -82,7 +86,10 @@ def check_cost_values(cost3, name="cost"):
     if neg:
         raise ValueError(f"{name} must not contain -inf (+inf marks forbidden entries); "
                          f"got {int(torch.isneginf(cost3).sum())} -inf entries")
-    return bool(pos), row_min
+    if pos:
+        allowed = cost3.masked_fill(torch.isposinf(cost3), float("-inf"))
+        row_max, col_max = allowed.amax(-1), allowed.amax(-2)
+    return bool(pos), (row_min, row_max, col_min, col_max)
 
 
 def check_marginal_values(w, name, total=None):
@@ -289,13 +296,15 @@ def check_grad_backend(grad, backend):
 
 
 # ----------------------------------------------------------------------------- losses
-def check_matrix(x, name, *, cols=None, cols_desc="D"):
-    """``x`` must be a 2-D floating tensor (optionally with ``cols`` columns)."""
+def check_matrix(x, name, *, cols=None, cols_desc="D", rows_desc="N", like=None):
+    """``x`` must be a 2-D floating tensor (optionally with ``cols`` columns, as those of ``like``)."""
     check_tensor(x, name)
     if x.ndim != 2:
-        raise ValueError(f"{name} must have shape (N, {cols_desc}); got {_shape(x)}")
+        raise ValueError(f"{name} must have shape ({rows_desc}, {cols_desc}); got {_shape(x)}")
     if cols is not None and x.shape[1] != cols:
-        raise ValueError(f"{name} must have shape (N, {cols_desc}) with {cols_desc}={cols}; got {_shape(x)}")
+        source = f" like {like}" if like else ""
+        raise ValueError(f"{name} must have shape ({rows_desc}, {cols_desc}) with {cols_desc}={cols}"
+                         f"{source}; got {_shape(x)}")
 
 
 def check_pair(z_a, z_b, names=("z_a", "z_b")):
@@ -316,20 +325,115 @@ def check_devices(ref, ref_name, *others):
             check_same_device(x, name, ref, ref_name)
 
 
-def check_count(x, name, minimum):
-    """A module size such as ``dim`` or ``queue_size``: an int >= ``minimum`` (ValueError otherwise)."""
-    if not (isinstance(x, int) and x >= minimum):
+def check_count(x, name, minimum, maximum=None, maximum_desc=None):
+    """A count such as ``dim``, ``queue_size`` or ``k``: an int in ``[minimum, maximum]``, else ValueError.
+
+    numpy integers are accepted; bools and floats (even ``2.0``) are not.
+    """
+    ok = isinstance(x, Integral) and not isinstance(x, bool) and x >= minimum
+    if ok and maximum is not None and x > maximum:
+        raise ValueError(f"{name} must be an int with {minimum} <= {name} <= {maximum_desc or maximum}; "
+                         f"got {x!r}")
+    if not ok:
         raise ValueError(f"{name} must be an int >= {minimum}; got {x!r}")
+    return int(x)
+
+
+def check_weight(x: object, name: str) -> float:
+    """A finite real number >= 0 (loss weights), as a float; see :func:`as_real`."""
+    x = as_real(x, name)
+    if not (math.isfinite(x) and x >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0; got {x}")
     return x
 
 
-def check_weight(x, name):
-    """A finite real number >= 0 (loss weights)."""
+_INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def as_real(x: object, name: str) -> float:
+    """A real number given as a Python/numpy scalar or a 0-dim real tensor, as a Python float."""
+    if isinstance(x, torch.Tensor) and x.ndim == 0 and (x.is_floating_point() or x.dtype in _INTS):
+        return float(x.item())
     if isinstance(x, bool) or not isinstance(x, Real):
-        raise TypeError(f"{name} must be a non-negative real number; got {type(x).__name__}")
-    if not (math.isfinite(x) and x >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0; got {x}")
+        raise TypeError(f"{name} must be a real number (a Python or numpy scalar, or a 0-dim tensor); "
+                        f"got {type(x).__name__}")
     return float(x)
+
+
+def check_positive_scalar(x: object, name: str) -> float:
+    """A finite real number > 0 (eps, temperatures, learning rates), as a float; see :func:`as_real`."""
+    return check_positive(as_real(x, name), name)
+
+
+def check_fraction(x: object, name: str) -> float:
+    """A real number in (0, 1] (a transported mass of uniform marginals), as a float."""
+    v = as_real(x, name)
+    if not (0 < v <= 1):
+        raise ValueError(f"{name} must satisfy 0 < {name} <= 1 (the marginals are uniform with total mass "
+                         f"1); got {v}")
+    return v
+
+
+def check_optional_tol(tol: object) -> Optional[float]:
+    """``None`` or a finite real number > 0."""
+    return None if tol is None else check_positive_scalar(tol, "tol")
+
+
+def check_flag(x: object, name: str) -> bool:
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be True or False; got {x!r}")
+    return x
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_reduction(reduction: str) -> str:
+    return check_choice(reduction, "reduction", REDUCTIONS)
+
+
+def check_finite_inputs(*named: Tuple[Optional[torch.Tensor], str]) -> None:
+    """Every ``(tensor_or_None, name)`` is free of NaN and +-inf; the error names the first offender.
+
+    One reduction (one device sync) in the common all-finite case, as in
+    :func:`check_cost_values`; an overflowing sum merely takes the detailed path.
+    """
+    tensors = [(x, name) for x, name in named if x is not None and x.numel() > 0]
+    if not tensors:
+        return
+    acc = torch.float64 if any(x.dtype == torch.float64 for x, _ in tensors) else torch.float32
+    with torch.no_grad():
+        total = torch.stack([x.detach().sum(dtype=acc) for x, _ in tensors]).sum()
+        if bool(torch.isfinite(total)):
+            return
+        for x, name in tensors:
+            n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+            if n_nan or n_inf:
+                raise ValueError(f"{name} must be finite; got {n_nan} NaN and {n_inf} infinite entries "
+                                 f"(shape {_shape(x)})")
+
+
+def check_forbid_diagonal(shape: Tuple[int, int]) -> None:
+    """With the given pairs ``(i, i)`` forbidden, a batch of one row (column) leaves the column (row) of
+    pair (0, 0) without an allowed entry: a problem the solvers reject, so say why here."""
+    n, m = shape
+    if min(n, m) == 1:
+        line = "column" if n == 1 else "row"
+        raise ValueError(f"sim of shape {tuple(shape)} is too small for forbid_diagonal=True: forbidding "
+                         f"the given pair (0, 0) leaves {line} 0 with no allowed entry; use a batch with at "
+                         f"least 2 rows and 2 columns, or forbid_diagonal=False")
+
+
+def check_exp_logits_finite(loss: torch.Tensor, preds: Sequence[torch.Tensor], temperature: float) -> None:
+    """A BCE on logits ``exp(pred / temperature)`` whose true value exceeds its dtype raises, naming
+    ``temperature``, instead of returning inf (one sync; the message is built only on failure)."""
+    if bool(torch.isfinite(loss)):
+        return
+    u_max = max(float(p.detach().max()) for p in preds) / temperature
+    raise ValueError(f"the Multi-SK loss overflows {loss.dtype}: its value exceeds the largest {loss.dtype} "
+                     f"(about exp({math.log(torch.finfo(loss.dtype).max):.4g})) as the logits "
+                     f"exp(pred / temperature) reach exp({u_max:.4g}) with temperature={temperature}; use a "
+                     f"larger temperature or float64 inputs")
 
 
 # ----------------------------------------------------------------------------- data-parallel solves

@@ -1,4 +1,5 @@
-"""Smoke test of ``benchmarks/bench_sinkhorn.py``: the ``--quick`` CPU path end to end.
+"""Smoke test of ``benchmarks/bench_sinkhorn.py`` (and its ``benchmarks/otbench`` package): the
+``--quick`` CPU path end to end.
 
 Runs the script as a user would (a subprocess, ``--out`` a temporary folder)
 and checks what it writes: a row per contender with finite times, agreement
@@ -30,7 +31,8 @@ def _load_bench():
     return mod
 
 
-bench = _load_bench()
+bench = _load_bench()   # puts benchmarks/ on sys.path: the otbench package imports
+from otbench import agreement, contenders, core, naive, report, runner  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +46,6 @@ def quick_run(tmp_path_factory):
     files = sorted(out.glob("cpu-*-quick.json"))
     assert len(files) == 1, sorted(p.name for p in out.iterdir())
     return json.loads(files[0].read_text()), files[0], proc.stdout
-
-
-def _groups(rows):
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["scenario"], r["size"], r["dtype"]), []).append(r)
-    return groups
 
 
 def test_quick_run_writes_json_markdown_and_metadata(quick_run):
@@ -68,13 +63,13 @@ def test_quick_run_writes_json_markdown_and_metadata(quick_run):
 
 def test_every_scenario_has_a_row_per_contender(quick_run):
     data, _, _ = quick_run
-    groups = _groups(data["rows"])
+    groups = report.group_rows(data["rows"])
     assert {g[0] for g in groups} == set(bench.SCENARIOS)
     for key, rows in groups.items():
         names = [r["contender"] for r in rows]
         assert len(names) == len(set(names)), (key, names)
         assert "ot_losses torch" in names, key
-        assert bench.BASELINE in names, key
+        assert core.BASELINE in names, key
         if HAS_POT and key[0] in ("dense", "rect", "swav", "batched") and key[2] in ("f32", "f64"):
             assert "POT torch sinkhorn_log" in names, key
             assert "POT torch exp-domain sinkhorn" in names, key
@@ -85,14 +80,14 @@ def test_every_scenario_has_a_row_per_contender(quick_run):
 
 def test_rows_have_finite_times_and_the_same_problem(quick_run):
     data, _, _ = quick_run
-    for key, rows in _groups(data["rows"]).items():
+    for key, rows in report.group_rows(data["rows"]).items():
         assert len({tuple(r["shape"]) for r in rows}) == 1, key
         for r in rows:
             assert r["status"] == "ok", (key, r["contender"], r.get("error"), r.get("traceback"))
             for field in ("median_ms", "p20_ms", "p80_ms", "ms_per_iter", "gbps", "frac_copy_bw"):
                 assert math.isfinite(r[field]) and r[field] > 0, (key, r["contender"], field, r[field])
             assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], (key, r["contender"])
-            if r["contender"] != bench.BASELINE:
+            if r["contender"] != core.BASELINE:
                 assert r["speedup"] is not None and r["speedup"] > 0
             if not r["reduced_iters"]:
                 assert r["n_iters"] == rows[0]["n_iters"] or r["inputs"] == "points", (key, r["contender"])
@@ -114,27 +109,27 @@ def test_agreement_with_the_float64_reference(quick_run):
 
 
 def test_a_failing_contender_is_an_error_row_not_a_crash(monkeypatch):
-    real = bench.make_contenders
+    real = contenders.make_contenders
 
     def with_broken(p, device):
-        contenders, skipped = real(p, device)
+        found, skipped = real(p, device)
 
         def boom(n_iters):
             raise RuntimeError("deliberately broken contender")
-        contenders["broken"] = bench.Contender(fn=boom, solution=lambda raw: {})
-        contenders["wrong answer"] = bench.Contender(
-            fn=lambda n: bench.naive_sinkhorn(p.cost + 0.3 * torch.rand_like(p.cost), p.a, p.b, p.eps, n),
+        found["broken"] = core.Contender(fn=boom, solution=lambda raw: {})
+        found["wrong answer"] = core.Contender(
+            fn=lambda n: naive.naive_sinkhorn(p.cost + 0.3 * torch.rand_like(p.cost), p.a, p.b, p.eps, n),
             solution=lambda fg: {"f": fg[0].double(), "g": fg[1].double()})
-        return contenders, skipped
+        return found, skipped
 
-    monkeypatch.setattr(bench, "make_contenders", with_broken)
+    monkeypatch.setattr(runner, "make_contenders", with_broken)
     p = bench.make_problem("dense", "40", "f64", torch.device("cpu"), n_iters=10)
     cfg = bench.TimingConfig(budget_s=0.01, max_call_s=0.1, min_repeats=2, max_repeats=2)
     rows, _ = bench.run_problem(p, torch.device("cpu"), cfg, copy_gbps=1.0, only=["naive", "broken", "wrong"])
     by = {r["contender"]: r for r in rows}
     assert by["broken"]["status"] == "error"
     assert "deliberately broken contender" in by["broken"]["error"]
-    assert by[bench.BASELINE]["status"] == "ok" and by[bench.BASELINE]["agrees"] is True
+    assert by[core.BASELINE]["status"] == "ok" and by[core.BASELINE]["agrees"] is True
     assert by["wrong answer"]["status"] == "ok" and by["wrong answer"]["agrees"] is False
 
 
@@ -142,11 +137,11 @@ def test_pot_runs_our_iterates_on_the_transposed_problem():
     if not HAS_POT:
         pytest.skip("POT not installed")
     p = bench.make_problem("rect", "13x29", "f64", torch.device("cpu"), n_iters=7)
-    contenders, _ = bench.make_contenders(p, torch.device("cpu"))
-    ref = bench.reference(p, 7)
+    found, _ = contenders.make_contenders(p, torch.device("cpu"))
+    ref = agreement.reference(p, 7)
     for name in ("POT numpy sinkhorn_log", "POT torch sinkhorn_log", "POT torch exp-domain sinkhorn"):
-        c = contenders[name]
-        err_f, err_plan, _ = bench.agreement(p, c.solution(c.fn(7)), ref)
+        c = found[name]
+        err_f, err_plan, _ = agreement.agreement(p, c.solution(c.fn(7)), ref)
         assert err_f < 1e-12 and err_plan < 1e-12, (name, err_f, err_plan)
 
 

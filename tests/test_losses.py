@@ -1,4 +1,4 @@
-"""Tests of the losses (METHODS.md sections 1-5) against direct transcriptions of the papers' formulas."""
+"""Tests of the losses (docs/methods.md sections 1-5) against transcriptions of the papers' formulas."""
 import math
 
 import pytest
@@ -22,7 +22,7 @@ DEV = {"backend": "torch"}
 
 # ----------------------------------------------------------------------------- transcriptions
 def swav_sinkhorn_ref(out, eps, n_iters):
-    """SwAV ``distributed_sinkhorn`` (world size 1), exp domain, as in main_swav.py (METHODS 1)."""
+    """SwAV's ``distributed_sinkhorn`` (world size 1), exp domain, as in main_swav.py (docs/methods.md 1)."""
     q = torch.exp(out / eps).T  # (K, B)
     q = q / q.sum()
     n_protos, batch = q.shape
@@ -35,7 +35,7 @@ def swav_sinkhorn_ref(out, eps, n_iters):
 
 
 def swamp_ref(z_a, z_b, c, q_a, q_b, temperature):
-    """METHODS 2: 1/2 [ -1/N sum Q_b log p_a - 1/N sum Q_a log p_b ] (normalised inputs)."""
+    """docs/methods.md section 2: 1/2 [ -1/N sum Q_b log p_a - 1/N sum Q_a log p_b ] (normalised inputs)."""
     z_a, z_b, c = F.normalize(z_a, dim=1), F.normalize(z_b, dim=1), F.normalize(c, dim=1)
     p_a = torch.softmax(z_a @ c.T / temperature, dim=1)
     p_b = torch.softmax(z_b @ c.T / temperature, dim=1)
@@ -44,7 +44,7 @@ def swamp_ref(z_a, z_b, c, q_a, q_b, temperature):
 
 
 def sym_kl_ref(sim, plan, tau):
-    """METHODS 3.4 as in the official code: exp/(sum + 1e-10), clip 1e-10, KLDivLoss(batchmean)."""
+    """docs/methods.md 3.4 as in the official code: exp/(sum + 1e-10), clip 1e-10, KLDivLoss(batchmean)."""
     def softmax_raw(x):
         e = torch.exp(x / tau)
         return e / (e.sum(dim=1, keepdim=True) + 1e-10)
@@ -84,7 +84,7 @@ def test_swav_targets_match_exp_domain_loop(n, k, n_iters):
 
 
 def test_swav_targets_order_matters():
-    """Running the sample side first gives another matrix at 3 iterations (METHODS 1)."""
+    """Running the sample side first gives another matrix at 3 iterations (docs/methods.md section 1)."""
     scores = cosines(64, 30)
     q, _ = swav_targets(scores, eps=0.05, n_iters=3, **DEV)
     wrong = 64 * sinkhorn(-scores, eps=0.05, n_iters=3, grad="none", **DEV).plan
@@ -210,7 +210,7 @@ def test_l2rm_plan_zero_diagonal_and_mass():
     assert (det.plan.sum(1) <= 1 / 32 + 1e-9).all() and (det.plan.sum(0) <= 1 / 32 + 1e-9).all()
     assert det.converged
     assert torch.isinf(det.cost.diagonal()).all()
-    # the loss is METHODS 3.4's formula on that plan
+    # the loss is the formula of docs/methods.md 3.4 on that plan
     assert torch.allclose(loss, sym_kl_ref(sim, det.plan, 0.05), rtol=1e-9, atol=1e-9)
 
 
@@ -368,12 +368,12 @@ def test_multi_sk_module_gradients_and_queue():
     feats = [torch.randn(8, 5), torch.randn(8, 7), torch.randn(8, 4, requires_grad=True),
              torch.randn(8, 4, requires_grad=True)]
     loss, det = mod(*feats, return_details=True)
-    assert loss.item() == 0 and not det.active  # queue not filled yet (official behaviour)
+    assert loss.item() > 0 and det.queue_rows == 0  # the batch alone while the queue is empty
     loss.backward()
     mod(*[torch.randn(8, d) for d in (5, 7, 4, 4)])
     assert int(mod.queue_count) == 16
     loss, det = mod(*feats, return_details=True)
-    assert det.active and len(det.terms) == 8 and loss.item() > 0
+    assert det.queue_rows == 16 and len(det.terms) == 8 and loss.item() > 0
     loss.backward()
     assert feats[2].grad.abs().sum() > 0 and feats[3].grad.abs().sum() > 0
     for p in (mod.anchors_in_a, mod.anchors_in_b, mod.anchors_joint_a, mod.anchors_joint_b):
@@ -494,9 +494,10 @@ def test_errors_name_the_argument():
     z, c = torch.randn(4, 6), torch.randn(5, 6)
     with pytest.raises(ValueError, match=r"z_a and z_b .*got z_a \(4, 6\) and z_b \(3, 6\)"):
         swamp_loss(z, torch.randn(3, 6), c)
-    with pytest.raises(ValueError, match=r"prototypes must have shape \(N, D\) with D=6; got \(5, 7\)"):
+    with pytest.raises(ValueError, match=r"prototypes must have shape \(K, D\) with D=6 like z_a and z_b; "
+                                         r"got \(5, 7\)"):
         swamp_loss(z, z, torch.randn(5, 7))
-    with pytest.raises(ValueError, match=r"queue_a .*D=6; got \(3, 5\)"):
+    with pytest.raises(ValueError, match=r"queue_a .*D=6 like z_a; got \(3, 5\)"):
         swamp_loss(z, z, c, queue_a=torch.randn(3, 5))
     with pytest.raises(ValueError, match=r"z_a must have shape \(N, D\); got \(4,\)"):
         swamp_loss(torch.randn(4), z, c)
@@ -516,14 +517,14 @@ def test_errors_name_the_argument():
         l2rm_loss(torch.rand(4, 4), mass=2.0, **DEV)
     with pytest.raises(ValueError, match=r"pred and target .*got pred \(4, 6\) and target \(4, 5\)"):
         multi_sk_loss(torch.rand(4, 6), torch.rand(4, 5))
-    with pytest.raises(ValueError, match=r"queue .*K=6; got \(3, 5\)"):
+    with pytest.raises(ValueError, match=r"queue .*K=6 like pred; got \(3, 5\)"):
         multi_sk_loss(torch.rand(4, 6), torch.rand(4, 6), queue=torch.rand(3, 5))
     with pytest.raises(ValueError, match="k"):
         multi_sk_loss(torch.rand(4, 6), torch.rand(4, 6), k=6, **DEV)
     with pytest.raises(ValueError, match="backend"):
         swamp_loss(z, z, c, backend="cuda")
-    with pytest.raises(ValueError, match=r"sim must have shape \(N, batch_size\) with batch_size=6"):
-        L2RMLoss(6)(torch.rand(6, 5))
+    with pytest.raises(ValueError, match=r"sim must have at most batch_size=6 columns"):
+        L2RMLoss(6)(torch.rand(6, 7))
     with pytest.raises(ValueError, match=r"z_b must have N=4 rows"):
         MultiSKLoss(6, n_anchors=4, queue_size=0)(z, z, z, torch.randn(3, 6))
     with pytest.raises(ValueError, match=r"matches must have the shape of sim_keys"):

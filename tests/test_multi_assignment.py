@@ -3,7 +3,7 @@
 Optimality certificate used throughout (the primal is strictly concave): at
 convergence ``X`` meets the row/column sums, ``0 <= X <= 1``, and
 ``logit(X) + C / eps`` is additive (``f_i + g_j``), i.e. its double-centred
-residual is ~0. The official layered Multi-SK algorithm (METHODS.md 4.2) is
+residual is ~0. The official layered Multi-SK algorithm (docs/methods.md 4.2) is
 transcribed below and must converge to the same ``X`` with ``C = -0.75 S``.
 """
 import numpy as np
@@ -66,7 +66,7 @@ def test_converged_assignment_meets_constraints_and_is_logistic(problem):
 
 
 def multi_sk_layered(S, eps, n_iters, r):
-    """Official Multi-SK (METHODS.md 4.2), discrete weights, fp64, without the +1e-5 denominators.
+    """Official Multi-SK (docs/methods.md 4.2), discrete weights, fp64, without the +1e-5 denominators.
 
     ``S`` (B, K) scores; ``K`` layers, weight 0.25 for the first ``K - r``, 1 for the last ``r``;
     returns ``X = sum of the last r layers``.

@@ -3,7 +3,7 @@
 ``"bregman"`` is compared with POT's ``entropic_partial_wasserstein`` in
 float64 (POT cannot take ``+inf``: forbidden entries become ``max C + 40 eps``
 there). ``"dummy"`` is compared with a balanced ``sinkhorn`` on the padded
-problem built here from API.md's description.
+problem built here from docs/methods.md's description.
 """
 import warnings
 

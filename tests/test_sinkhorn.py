@@ -4,7 +4,7 @@ Reference ladder: POT in float64 (``ot.sinkhorn(method="sinkhorn_log")``,
 ``ot.unbalanced.sinkhorn_unbalanced``), then properties with hypothesis,
 SwAV's exp-domain loop transcribed below, and the result object.
 
-Conventions (API.md): ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)``; vs POT's
+Conventions (docs/api.md): ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)``; vs POT's
 ``log_u, log_v``: ``f = eps (log_u - log a)``, ``g = eps (log_v - log b)`` up to
 ``(f + c, g - c)``.
 """
@@ -338,7 +338,7 @@ def test_known_permutation_is_recovered_at_small_eps(problem, eps):
 # --------------------------------------------------------------------- SwAV
 
 def swav_distributed_sinkhorn(out, eps, n_iters):
-    """Transcription of SwAV's exp-domain ``distributed_sinkhorn`` (world size 1), METHODS.md section 1."""
+    """Transcription of SwAV's exp-domain ``distributed_sinkhorn`` (world size 1), docs/methods.md 1."""
     Q = torch.exp(out / eps).t()          # (K, B)
     n_samples = Q.shape[1]
     n_protos = Q.shape[0]

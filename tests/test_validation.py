@@ -1,4 +1,4 @@
-"""Input validation (API.md "Errors") and the no-mutation guarantee, for every entry point."""
+"""Input validation (docs/api.md, "Errors") and the no-mutation guarantee, for every entry point."""
 import re
 
 import pytest

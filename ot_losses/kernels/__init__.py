@@ -60,6 +60,14 @@ def _check_operands(cost, rows=(), cols=(), batch=()):
     return dtype
 
 
+def _full_shift(cost, shift):
+    """A cost shift as two tensors: ``(r, s)``, with zero column offsets for ``(r, None)``; or None."""
+    if shift is None or shift[1] is not None:
+        return shift
+    r = shift[0]
+    return r, torch.zeros((), dtype=r.dtype, device=r.device).expand(cost.shape[0], cost.shape[2])
+
+
 def _device_of(t):
     """Context that makes ``t``'s CUDA device current: triton launches on the current device."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _check_operands, _device_of, _interpreting
+from . import _check_operands, _device_of, _full_shift, _interpreting
 from ._jit import _no_mass, _shifted
 from .plan import log_plan, plan, plan_cost  # noqa: F401  (re-exported twins)
 
@@ -279,6 +279,7 @@ def _shift_operands(shift):
 
 def row_lse(cost, h, eps, shift=None):
     """``eps * lse_j((h_j - C_ij) / eps)``: cost (B, N, M), h (B, M) -> (B, N)."""
+    shift = _full_shift(cost, shift)
     rs, cs = _shift_operands(shift)
     _check_operands(cost, rows=rs, cols=[("h", h)] + cs)
     return _lse(cost, h, None, eps, by_row=True, sigmoid=False, shift=shift)
@@ -286,6 +287,7 @@ def row_lse(cost, h, eps, shift=None):
 
 def col_lse(cost, h, eps, shift=None):
     """``eps * lse_i((h_i - C_ij) / eps)``: cost (B, N, M), h (B, N) -> (B, M)."""
+    shift = _full_shift(cost, shift)
     rs, cs = _shift_operands(shift)
     _check_operands(cost, rows=[("h", h)] + rs, cols=cs)
     return _lse(cost, h, None, eps, by_row=False, sigmoid=False, shift=shift)
@@ -296,6 +298,7 @@ def row_sigmoid_lse(cost, u, v, eps, shift=None):
 
     ``z_ij = (u_i + v_j - C_ij) / eps``; cost (B, N, M), u (B, N), v (B, M).
     """
+    shift = _full_shift(cost, shift)
     rs, cs = _shift_operands(shift)
     _check_operands(cost, rows=[("u", u)] + rs, cols=[("v", v)] + cs)
     return _lse(cost, v, u, eps, by_row=True, sigmoid=True, shift=shift)
@@ -303,6 +306,7 @@ def row_sigmoid_lse(cost, u, v, eps, shift=None):
 
 def col_sigmoid_lse(cost, u, v, eps, shift=None):
     """Column twin of :func:`row_sigmoid_lse`: returns two (B, M) tensors."""
+    shift = _full_shift(cost, shift)
     rs, cs = _shift_operands(shift)
     _check_operands(cost, rows=[("u", u)] + rs, cols=[("v", v)] + cs)
     return _lse(cost, u, v, eps, by_row=False, sigmoid=True, shift=shift)
@@ -340,6 +344,7 @@ def balanced_small(cost, log_a, log_b, f, g, eps, n_iters, shift=None):
         ValueError: ``balanced_small_supported(N, M, f.dtype)`` is False, ``n_iters < 0``,
             or the operands' shapes, dtypes or devices do not match.
     """
+    shift = _full_shift(cost, shift)
     rs, cs = _shift_operands(shift)
     _check_operands(cost, rows=[("f", f), ("log_a", log_a)] + rs, cols=[("g", g), ("log_b", log_b)] + cs)
     B, N, M = cost.shape

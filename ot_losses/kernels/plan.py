@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _check_operands, _device_of
+from . import _check_operands, _device_of, _full_shift
 from ._jit import _no_mass, _shifted
 
 __all__ = ["log_plan", "plan", "plan_cost"]
@@ -82,6 +82,7 @@ def _blocks(cost):
 
 def _launch(cost, f, g, eps, mode, scale=None, shift=None):
     rows, cols = [("f", f)], [("g", g)]
+    shift = _full_shift(cost, shift)
     if shift is not None:
         rows, cols = rows + [("shift[0] (r)", shift[0])], cols + [("shift[1] (s)", shift[1])]
     r, s = shift if shift is not None else (f, g)

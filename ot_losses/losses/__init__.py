@@ -1,4 +1,4 @@
-"""Cross-modal losses built on the solvers (METHODS.md sections 1-4): pure functions + thin modules."""
+"""Cross-modal losses built on the solvers (docs/methods.md sections 1-5): pure functions + thin modules."""
 from .info_nce import InfoNCEDetails, InfoNCELoss, info_nce_loss
 from .l2rm import L2RMCost, L2RMDetails, L2RMLoss, l2rm_loss, split_clean_noisy
 from .multi_sk import MultiSKDetails, MultiSKLoss, multi_sk_loss, multi_sk_targets

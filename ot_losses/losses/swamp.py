@@ -1,20 +1,25 @@
-"""SwAMP: swapped assignment of multi-modal pairs (Kim, AISTATS 2023), METHODS.md section 2.
+"""SwAMP: swapped assignment of multi-modal pairs (Kim, AISTATS 2023), docs/methods.md section 2.
 
 Each modality's batch is self-labelled against shared prototypes by SwAV's
-equipartition Sinkhorn (METHODS.md section 1: prototype side updated first,
-then ``Q *= N``), and each member of a pair is trained to predict the other
-member's pseudo-label.
+equipartition Sinkhorn (docs/methods.md section 1: prototype side updated
+first, then ``Q *= N``), and each member of a pair is trained to predict the
+other member's pseudo-label.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass
+from typing import Any, Literal, Optional, Tuple, Union, overload
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-from ..solvers.sinkhorn import sinkhorn
 from .. import _distributed as D
 from .. import _validate as V
-from ._common import loss_dtype, no_autocast
+from .._backend import BACKENDS
+from ..results import SinkhornResult
+from ..solvers.sinkhorn import sinkhorn
+from ._common import Scalar, loss_dtype, no_autocast
 from .info_nce import info_nce_loss
 
 __all__ = ["SwAMPDetails", "SwAMPLoss", "swamp_loss", "swav_targets"]
@@ -30,16 +35,17 @@ class SwAMPDetails:
         marginal_error_a, marginal_error_b: the solver's L1 marginal error.
         n_iters: Sinkhorn iterations run per modality.
     """
-    q_a: torch.Tensor
-    q_b: torch.Tensor
-    scores_a: torch.Tensor
-    scores_b: torch.Tensor
+    q_a: Tensor
+    q_b: Tensor
+    scores_a: Tensor
+    scores_b: Tensor
     marginal_error_a: float
     marginal_error_b: float
     n_iters: int
 
 
-def swav_targets(scores, *, eps=0.05, n_iters=3, backend="auto", process_group=None):
+def swav_targets(scores: Tensor, *, eps: Scalar = 0.05, n_iters: int = 3, backend: str = "auto",
+                 process_group: Optional[Any] = None) -> Tuple[Tensor, SinkhornResult]:
     """SwAV's ``distributed_sinkhorn`` (world size 1) in the log domain, no gradient.
 
     ``Q = N * sinkhorn(-S^T, eps=eps, n_iters=n_iters).plan^T``: the prototype
@@ -49,7 +55,7 @@ def swav_targets(scores, *, eps=0.05, n_iters=3, backend="auto", process_group=N
     Args:
         scores: (N, K) floating tensor of scores ``z_i . c_k`` (detached inside;
             computed in fp32, or fp64 for fp64 input, with autocast off).
-        eps: positive float, absolute entropic regularisation (score units).
+        eps: positive real, absolute entropic regularisation (score units).
         n_iters: number of Sinkhorn iterations (SwAV: 3).
         backend: solver backend, see :func:`ot_losses.sinkhorn`.
         process_group: a ``torch.distributed`` group across which the samples
@@ -62,15 +68,39 @@ def swav_targets(scores, *, eps=0.05, n_iters=3, backend="auto", process_group=N
     """
     with torch.no_grad(), no_autocast(scores.device):
         s = scores.detach().to(loss_dtype(scores))
-        res = sinkhorn(-s.T, eps=eps, n_iters=n_iters, grad="none", backend=backend,
-                       process_group=process_group, shard_dim=None if process_group is None else 1)
+        res = sinkhorn(-s.T, eps=V.check_positive_scalar(eps, "eps"), n_iters=n_iters, grad="none",
+                       backend=backend, process_group=process_group,
+                       shard_dim=None if process_group is None else 1)
         total = s.shape[0] if process_group is None else D.total_rows(s.shape[0], process_group, s.device)
         q = total * res.plan.T
     return q, res
 
 
-def swamp_loss(z_a, z_b, prototypes, *, eps=0.05, temperature=0.1, n_iters=3, queue_a=None,
-               queue_b=None, normalize=True, backend="auto", process_group=None, return_details=False):
+@overload
+def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = ..., temperature: Scalar = ...,
+               n_iters: int = ..., queue_a: Optional[Tensor] = ..., queue_b: Optional[Tensor] = ...,
+               normalize: bool = ..., backend: str = ..., process_group: Optional[Any] = ...,
+               return_details: Literal[False] = ...) -> Tensor: ...
+
+
+@overload
+def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = ..., temperature: Scalar = ...,
+               n_iters: int = ..., queue_a: Optional[Tensor] = ..., queue_b: Optional[Tensor] = ...,
+               normalize: bool = ..., backend: str = ..., process_group: Optional[Any] = ...,
+               return_details: Literal[True]) -> Tuple[Tensor, SwAMPDetails]: ...
+
+
+@overload
+def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = ..., temperature: Scalar = ...,
+               n_iters: int = ..., queue_a: Optional[Tensor] = ..., queue_b: Optional[Tensor] = ...,
+               normalize: bool = ..., backend: str = ..., process_group: Optional[Any] = ...,
+               return_details: bool = ...) -> Union[Tensor, Tuple[Tensor, SwAMPDetails]]: ...
+
+
+def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = 0.05, temperature: Scalar = 0.1,
+               n_iters: int = 3, queue_a: Optional[Tensor] = None, queue_b: Optional[Tensor] = None,
+               normalize: bool = True, backend: str = "auto", process_group: Optional[Any] = None,
+               return_details: bool = False) -> Union[Tensor, Tuple[Tensor, SwAMPDetails]]:
     """Swapped cross-entropy between the two members of each pair, SwAV pseudo-labels.
 
     ``L = 1/2 [ -1/N sum_ik Q_b[i,k] log p_a(k|i) - 1/N sum_ik Q_a[i,k] log p_b(k|i) ]``,
@@ -80,8 +110,9 @@ def swamp_loss(z_a, z_b, prototypes, *, eps=0.05, temperature=0.1, n_iters=3, qu
         z_a: (N, D) floating tensor, embeddings of modality a.
         z_b: (N, D) floating tensor, embeddings of modality b (row i pairs with ``z_a[i]``).
         prototypes: (K, D) floating tensor of prototypes shared by both modalities.
-        eps: positive float, entropic regularisation of the pseudo-label OT (score units).
-        temperature: positive float, softmax temperature ``T`` of the predictor.
+        eps: positive real (float, numpy scalar or 0-dim tensor), entropic
+            regularisation of the pseudo-label OT (score units).
+        temperature: positive real, softmax temperature ``T`` of the predictor.
         n_iters: Sinkhorn iterations (SwAV: 3).
         queue_a, queue_b: optional (Q, D) past embeddings of each modality; they join
             the OT problem (rows ``[queue; batch]``, SwAV scaling by ``Q + N``) and only
@@ -103,8 +134,9 @@ def swamp_loss(z_a, z_b, prototypes, *, eps=0.05, temperature=0.1, n_iters=3, qu
         precision; the OT and the log-softmax run in fp32.
 
     Raises:
-        TypeError / ValueError: wrong ndim, mismatched N or D, devices, or
-            non-positive ``eps`` / ``temperature`` (the solver checks ``n_iters``).
+        TypeError / ValueError: wrong ndim, mismatched N or D, devices, NaN or
+            infinite inputs (naming the argument), or non-positive ``eps`` /
+            ``temperature`` (the solver checks ``n_iters``).
 
     Example:
         >>> import torch
@@ -118,15 +150,17 @@ def swamp_loss(z_a, z_b, prototypes, *, eps=0.05, temperature=0.1, n_iters=3, qu
     """
     V.check_pair(z_a, z_b)
     dim = z_a.shape[1]
-    V.check_matrix(prototypes, "prototypes", cols=dim, cols_desc="D")
+    V.check_matrix(prototypes, "prototypes", cols=dim, cols_desc="D", rows_desc="K", like="z_a and z_b")
     if queue_a is not None:
-        V.check_matrix(queue_a, "queue_a", cols=dim, cols_desc="D")
+        V.check_matrix(queue_a, "queue_a", cols=dim, cols_desc="D", rows_desc="Q", like="z_a")
     if queue_b is not None:
-        V.check_matrix(queue_b, "queue_b", cols=dim, cols_desc="D")
-    V.check_devices(z_a, "z_a", (z_b, "z_b"), (prototypes, "prototypes"), (queue_a, "queue_a"),
-                    (queue_b, "queue_b"))
-    V.check_positive(eps, "eps")
-    V.check_positive(temperature, "temperature")
+        V.check_matrix(queue_b, "queue_b", cols=dim, cols_desc="D", rows_desc="Q", like="z_b")
+    named = ((z_a, "z_a"), (z_b, "z_b"), (prototypes, "prototypes"), (queue_a, "queue_a"),
+             (queue_b, "queue_b"))
+    V.check_devices(z_a, "z_a", *named[1:])
+    eps = V.check_positive_scalar(eps, "eps")
+    temperature = V.check_positive_scalar(temperature, "temperature")
+    V.check_finite_inputs(*named)
     D.loss_group(process_group)
 
     if normalize:
@@ -165,12 +199,16 @@ def swamp_loss(z_a, z_b, prototypes, *, eps=0.05, temperature=0.1, n_iters=3, qu
 class SwAMPLoss(nn.Module):
     """Holds the prototypes, optional queues and hyper-parameters of :func:`swamp_loss`.
 
+    Every setting is checked here, at construction (``ValueError`` / ``TypeError``
+    naming the argument), not at the first forward.
+
     Args:
         dim: embedding dimension D.
         n_prototypes: number of prototypes K (SwAV: 3000).
         queue_size: rows of past embeddings kept per modality (0: no queue). As in
-            SwAV, the queue joins the OT problem once it is full; the current batch
-            is pushed after the targets are computed (FIFO).
+            SwAV, the queue joins the OT problem once it is full (the batch alone is
+            used until then); the current batch is pushed after the targets are
+            computed (FIFO).
         eps, temperature, n_iters, normalize, backend: as in :func:`swamp_loss`.
         freeze_prototypes_steps: for the first this many training forwards the
             prototypes get no gradient (SwAV's ``freeze_prototypes_niters``, 313).
@@ -194,32 +232,42 @@ class SwAMPLoss(nn.Module):
         >>> loss.backward()
     """
 
-    def __init__(self, dim, n_prototypes=3000, *, queue_size=0, eps=0.05, temperature=0.1,
-                 n_iters=3, normalize=True, freeze_prototypes_steps=0, renormalize_prototypes=True,
-                 info_nce_weight=0.0, info_nce_temperature=0.07, backend="auto", process_group=None):
+    num_steps: Tensor
+    queue_a: Tensor
+    queue_b: Tensor
+    queue_count: Tensor
+
+    def __init__(self, dim: int, n_prototypes: int = 3000, *, queue_size: int = 0, eps: Scalar = 0.05,
+                 temperature: Scalar = 0.1, n_iters: int = 3, normalize: bool = True,
+                 freeze_prototypes_steps: int = 0, renormalize_prototypes: bool = True,
+                 info_nce_weight: Scalar = 0.0, info_nce_temperature: Scalar = 0.07, backend: str = "auto",
+                 process_group: Optional[Any] = None):
         super().__init__()
         self.process_group = D.loss_group(process_group)
-        V.check_count(dim, "dim", 1)
-        V.check_count(n_prototypes, "n_prototypes", 1)
-        V.check_count(queue_size, "queue_size", 0)
-        V.check_positive(eps, "eps")
-        V.check_positive(temperature, "temperature")
-        V.check_weight(info_nce_weight, "info_nce_weight")
+        self.dim = V.check_count(dim, "dim", 1)
+        n_prototypes = V.check_count(n_prototypes, "n_prototypes", 1)
+        self.queue_size = V.check_count(queue_size, "queue_size", 0)
+        self.eps = V.check_positive_scalar(eps, "eps")
+        self.temperature = V.check_positive_scalar(temperature, "temperature")
+        self.n_iters = V.check_n_iters(n_iters)
+        self.normalize = V.check_flag(normalize, "normalize")
+        self.freeze_prototypes_steps = V.check_count(freeze_prototypes_steps, "freeze_prototypes_steps", 0)
+        self.renormalize_prototypes = V.check_flag(renormalize_prototypes, "renormalize_prototypes")
+        self.info_nce_weight = V.check_weight(info_nce_weight, "info_nce_weight")
+        self.info_nce_temperature = V.check_positive_scalar(info_nce_temperature, "info_nce_temperature")
+        self.backend = V.check_choice(backend, "backend", BACKENDS)
         self.prototypes = nn.Parameter(F.normalize(torch.randn(n_prototypes, dim), dim=1))
-        self.eps, self.temperature, self.n_iters = eps, temperature, n_iters
-        self.normalize, self.backend = normalize, backend
-        self.freeze_prototypes_steps = int(freeze_prototypes_steps)
-        self.renormalize_prototypes = renormalize_prototypes
-        self.info_nce_weight, self.info_nce_temperature = info_nce_weight, info_nce_temperature
-        self.queue_size = queue_size
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_a", torch.zeros(queue_size, dim))
         self.register_buffer("queue_b", torch.zeros(queue_size, dim))
         self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
 
-    def forward(self, z_a, z_b, return_details=False):
+    def forward(self, z_a: Tensor, z_b: Tensor,
+                return_details: bool = False) -> Union[Tensor, Tuple[Tensor, SwAMPDetails]]:
         """Loss for one batch of pairs ``z_a``, ``z_b`` (N, D); see :func:`swamp_loss`."""
-        prototypes = self.prototypes
+        for z, name in ((z_a, "z_a"), (z_b, "z_b")):
+            V.check_matrix(z, name, cols=self.dim, cols_desc="D", like="this module's dim")
+        prototypes: Tensor = self.prototypes
         group = self.process_group
         if self.training:
             D.warn_if_diverged(self, group)
@@ -241,13 +289,21 @@ class SwAMPLoss(nn.Module):
         if self.info_nce_weight > 0:
             nce = info_nce_loss(z_a, z_b, temperature=self.info_nce_temperature, normalize=self.normalize,
                                 process_group=group)
-            if return_details:
+            if isinstance(out, tuple):
                 return out[0] + self.info_nce_weight * nce, out[1]
             return out + self.info_nce_weight * nce
         return out
 
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, n_prototypes={self.prototypes.shape[0]}, queue_size={self.queue_size}, "
+                f"eps={self.eps}, temperature={self.temperature}, n_iters={self.n_iters}, "
+                f"normalize={self.normalize}, freeze_prototypes_steps={self.freeze_prototypes_steps}, "
+                f"renormalize_prototypes={self.renormalize_prototypes}, "
+                f"info_nce_weight={self.info_nce_weight}, info_nce_temperature={self.info_nce_temperature}, "
+                f"backend={self.backend!r}")
+
     @torch.no_grad()
-    def _push(self, z_a, z_b):
+    def _push(self, z_a: Tensor, z_b: Tensor) -> None:
         """FIFO: newest rows last (the OT problem is ``[queue; batch]``); with a group, the global batch."""
         if self.process_group is not None:
             z_a, z_b = (D.gather_rows(z.detach(), self.process_group)[0] for z in (z_a, z_b))

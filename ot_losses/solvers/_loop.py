@@ -6,9 +6,13 @@ half-steps), ``error(eps)`` (``(B,)`` tensor) and ``mark()`` (remember the
 potentials for a change-based error). The loop only schedules eps, checks
 convergence every few iterations and stops.
 """
+import math
+
 import torch
 
+from .. import _distributed as D
 from .._backend import get_steps
+from ._numerics import in_cost_units
 from ._scaling import ScalingSteps
 
 # Convergence is checked every CHECK_EVERY iterations: on a GPU each check
@@ -38,33 +42,51 @@ def make_steps(backend, grad, cost3, dtype, shift, forbidden, scaled=True):
     return get_steps(backend)
 
 
-def cost_shift(cost3, row_min, dtype, per_line, unroll=False, low=None):
-    """Offsets ``(r, s)``, ``(B, N)`` and ``(B, M)``, that every step subtracts from the cost.
+def cost_shift(stats, dtype, per_line, unroll=False, shard=D.LOCAL):
+    """Offsets ``(r, s)`` that every step subtracts from the cost, or None.
 
-    ``per_line`` (problems invariant to adding constants to rows and columns):
-    ``r_i = min_j C_ij`` and ``s_j = min_i (C_ij - r_i)``; otherwise one
-    constant per problem, ``min C``, in ``r``. Minima run over allowed
-    entries (0 for an all-forbidden line), so the shifted cost is >= 0 with
-    a 0 in every line, and ``C_ij - r_i`` is exact where the offset is large.
-    They are constants of the solve (detached): any offsets give the same
-    plan, so they carry no gradient; except with ``unroll``, where a few
-    iterations of some problems (the dummy partial) do depend on them.
+    ``stats``: the lines' extreme allowed entries (``check_cost_values``).
+    Potentials are about as large as the cost entries, so in floating point
+    they carry an absolute error of ``ulp(max |C|)``, ``ulp(max |C|)/eps``
+    in the plan's exponents: ruinous for ``C + 1e6`` in fp32. Subtracting
+    offsets keeps the potentials as small as the differences the plan
+    depends on. When the offsets are not larger than those differences
+    (most costs: [0, 1], ``-S``) there is nothing to gain and None is
+    returned (no work per step).
 
-    ``low(x, side)`` completes a partial minimum over side 1 (rows) or 2
-    (columns) when the cost is one rank's block of a split cost (identity
-    otherwise), so every rank uses the offsets of the whole cost.
+    ``per_line`` (problems invariant to adding constants to rows and
+    columns): ``r_i = min_j C_ij`` and ``s_j = min_i C_ij - min C``; the
+    steps then subtract with compensated arithmetic. Otherwise one constant ``min C`` per problem in
+    ``r`` and ``s = None``. The offsets are constants of the solve (any give
+    the same plan), detached except with ``unroll``, where a few iterations
+    of some problems (the dummy partial) do depend on them.
+
+    ``shard``: for one rank's block of a cost split across a process group,
+    completes each extreme across the ranks, so every rank takes the whole
+    cost's offsets and the same decision.
     """
-    low = low or (lambda x, side: x)
-    B, N, M = cost3.shape
-    r = low((row_min if unroll else row_min.detach()).to(dtype), 2)
+    row_min, row_max, col_min, col_max = (x if unroll else x.detach() for x in stats)
+    row_min, row_max, col_min, col_max = (x.to(dtype) for x in (row_min, row_max, col_min, col_max))
+    row_min, row_max = shard.low(row_min, D.COLS), shard.peak(row_max, D.COLS)
+    col_min, col_max = shard.low(col_min, D.ROWS), shard.peak(col_max, D.ROWS)
+
+    def finite(x, fill):
+        return x.masked_fill(~torch.isfinite(x), fill)
+
+    lo = shard.low(finite(row_min, math.inf).amin(-1), D.ROWS)
+    hi = shard.peak(finite(row_max, -math.inf).amax(-1), D.ROWS)
+    size = torch.maximum(lo.abs(), hi.abs())
+    if per_line:
+        row_spread = shard.peak(finite(row_max - row_min, 0.0).amax(-1), D.ROWS)
+        col_spread = shard.peak(finite(col_max - col_min, 0.0).amax(-1), D.COLS)
+        spread = torch.minimum(row_spread, col_spread)
+    else:
+        spread = finite(hi - lo, 0.0)
+    if not bool((size > 2 * spread).any()):  # one host sync
+        return None
     if not per_line:
-        c = low(r.masked_fill(~torch.isfinite(r), float("inf")).amin(-1), 1)
-        c = c.masked_fill(~torch.isfinite(c), 0.0)
-        return c.unsqueeze(-1).expand(B, N), torch.zeros((), dtype=dtype, device=r.device).expand(B, M)
-    r = r.masked_fill(~torch.isfinite(r), 0.0)
-    with torch.set_grad_enabled(unroll):
-        s = low((cost3.to(dtype) - r.unsqueeze(-1)).amin(-2), 1)
-    return r, s.masked_fill(~torch.isfinite(s), 0.0)
+        return finite(lo, 0.0).unsqueeze(-1).expand(row_min.shape), None
+    return finite(row_min, 0.0), finite(col_min - lo.unsqueeze(-1), 0.0)
 
 
 def start_potentials(init, shift, shape, dtype, device):
@@ -78,7 +100,9 @@ def start_potentials(init, shift, shape, dtype, device):
     B, N, M = shape
     if init is None:
         init = tuple(torch.zeros((B, n), dtype=dtype, device=device) for n in (N, M))
-    return tuple(pot.masked_fill(~torch.isfinite(pot), 0.0) - off for pot, off in zip(init, shift))
+    f, g = (pot.masked_fill(~torch.isfinite(pot), 0.0) for pot in init)
+    rf, rg = in_cost_units(torch.zeros_like(f), torch.zeros_like(g), shift)
+    return f - rf, g - rg
 
 
 class Problem:

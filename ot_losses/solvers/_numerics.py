@@ -14,6 +14,8 @@ def shifted_cost(cost, dtype, shift=None):
     c = cost.to(dtype)
     if shift is None:
         return c
+    if shift[1] is None:  # one offset per row (or per problem): C_ij - r_i is exact where it matters
+        return c - shift[0].unsqueeze(-1)
     r, s = shift[0].unsqueeze(-1), shift[1].unsqueeze(-2)
     t = c - r
     back = t - c
@@ -21,9 +23,26 @@ def shifted_cost(cost, dtype, shift=None):
     return torch.where(torch.isinf(c), c, (t - s) + err)
 
 
+def in_cost_units(f, g, shift):
+    """Potentials of the shifted cost back in the cost's own units: ``(f + r, g + s)``."""
+    if shift is None:
+        return f, g
+    return f + shift[0], (g if shift[1] is None else g + shift[1])
+
+
 def no_mass(z):
     """Map NaN (an ``inf - inf`` meeting of a forbidden entry or a zero-mass line) to ``-inf``."""
-    return z.masked_fill(torch.isnan(z), float("-inf"))
+    return torch.nan_to_num(z, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+
+
+def weighted_exp(w, log_ratio):
+    """``w * exp(log_ratio)``, exactly 0 where ``w = 0`` even if the exponential overflows.
+
+    A zero-mass line's ratio is that of a line it does not have; the double
+    ``where`` keeps ``0 * inf`` (NaN) out of both the value and its gradient.
+    """
+    live = w > 0
+    return torch.where(live, w * torch.exp(log_ratio.masked_fill(~live, 0.0)), torch.zeros_like(w))
 
 
 def lse(z, dim):

@@ -56,7 +56,7 @@ class ScalingSteps:
         # the working precision of the output (else: an exact step).
         self._tiny_over_u = info.tiny / info.eps
         self._eps = None
-        self._K = self._p = self._q = None
+        self._K = self._p = self._q = self._cached = None
 
     def __getattr__(self, name):
         return getattr(_torch_steps, name)
@@ -81,9 +81,17 @@ class ScalingSteps:
         ok = s > n_terms * hi * self._tiny_over_u
         return bool((ok if dead is None else ok | dead).all())
 
+    def _shifted(self):
+        """The shifted cost; kept when its subtraction is compensated (several passes to redo)."""
+        if self._shift is None or self._shift[1] is None:
+            return shifted_cost(self._cost, self._dtype, self._shift)
+        if self._cached is None:
+            self._cached = shifted_cost(self._cost, self._dtype, self._shift)
+        return self._cached
+
     def _exact_z(self, h, eps, dim):
         """``(h - C~)/eps`` along ``dim`` as a fresh tensor (``dim=-1``: h is (B, M); ``-2``: (B, N))."""
-        c = shifted_cost(self._cost, self._dtype, self._shift)
+        c = self._shifted()
         hh = h.unsqueeze(-2) if dim == -1 else h.unsqueeze(-1)
         return no_mass((hh - c) / eps)
 
@@ -106,7 +114,7 @@ class ScalingSteps:
         K = z.add_(other / eps).exp_()
         bad_p, bad_q = ~torch.isfinite(p), ~torch.isfinite(q)
         if bool(bad_p.any()) or bool(bad_q.any()):
-            c = shifted_cost(self._cost, self._dtype, self._shift)
+            c = self._shifted()
             q_ok = q.masked_fill(bad_q, float("-inf"))
             p = torch.where(bad_p, self._transform(no_mass((q_ok.unsqueeze(-2) - c) / eps), -1, eps), p)
             p = p.masked_fill(~torch.isfinite(p), 0.0)

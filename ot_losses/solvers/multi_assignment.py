@@ -7,7 +7,8 @@ from .. import _distributed as D
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import MultiAssignmentResult
-from ._loop import Problem, converged, cost_shift, make_steps, run_loop, unbatch
+from ._loop import Problem, converged, cost_shift, make_steps, run_loop, start_potentials, unbatch
+from ._numerics import in_cost_units, shifted_cost
 
 _GRADS = ("none", "unroll")
 
@@ -25,16 +26,13 @@ class _MultiAssignmentProblem(Problem):
     and likewise for ``v`` with the column targets ``c_j = k N b_j``.
     """
 
-    def __init__(self, steps, cost, k, col_target, shift, shard=D.LOCAL):
+    def __init__(self, steps, cost, k, col_target, shift, start, shard=D.LOCAL):
         self.steps, self.cost, self.shift, self.shard = steps, cost, shift, shard
-        B, n, m = cost.shape  # this rank's block
         N, M = shard.size(cost, 1), shard.size(cost, 2)  # global sizes when the cost is split
         self.log_k, self.log_not_k = math.log(k), math.log(M - k)
         self.log_c, self.log_not_c = col_target.log(), (N - col_target).log()
         self.k = k
-        # 0 in the cost's own units, so the first iterates are the textbook ones.
-        self.u = -shift[0].expand(B, n).to(col_target.dtype)
-        self.v = -shift[1].expand(B, m).to(col_target.dtype)
+        self.u, self.v = start
 
     def step(self, eps):
         l1, l0 = self.steps.row_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift)
@@ -109,7 +107,7 @@ def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=Non
         bw = shard.marginal(b, "b", cost3, 2, batched)
         name = resolve_backend(backend, cost3.device)
         V.check_grad_backend(grad, name)
-        forbidden, row_min = V.check_cost_values(cost3)
+        forbidden, stats = V.check_cost_values(cost3)
     mb = shard.sum(bw, D.COLS)
     with shard.checks():
         V.check_marginal_values(bw, "b", mb)
@@ -125,17 +123,23 @@ def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=Non
 
     dtype = V.compute_dtype(cost3)
     # Row and column sums are fixed, so constants added to rows or columns do not change X.
-    shift = cost_shift(cost3, row_min, dtype, per_line=True, unroll=grad == "unroll", low=shard.low)
-    steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden, scaled=False))
     unroll = grad == "unroll"
+    shift = cost_shift(stats, dtype, per_line=True, unroll=unroll, shard=shard)
+    steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden, scaled=False))
     loop_cost = cost3 if unroll else cost3.detach()
+    # 0 in the cost's own units, so that the first iterates are the textbook ones.
+    start = start_potentials(None, shift, cost3.shape, dtype, cost3.device)
+    step_shift = shift
+    if name == "torch" and shift is not None:
+        # the reference steps would redo the compensated subtraction in every pass
+        loop_cost, step_shift = shifted_cost(loop_cost, dtype, shift), None
     with torch.set_grad_enabled(unroll):
         problem = _MultiAssignmentProblem(steps, loop_cost, k, target.clamp(max=N) if unroll
-                                          else target.detach().clamp(max=N), shift, shard)
+                                          else target.detach().clamp(max=N), step_shift, start, shard)
         iters, err = run_loop(problem, eps, n_iters, tol, [], "multi_assignment_sinkhorn")
-        assignment = torch.sigmoid(steps.log_plan(loop_cost, problem.u, problem.v, eps, shift=shift))
+        assignment = torch.sigmoid(steps.log_plan(loop_cost, problem.u, problem.v, eps, shift=step_shift))
     conv = converged(err, tol, k * N)
+    u, v = in_cost_units(problem.u, problem.v, shift)
     return MultiAssignmentResult(
-        assignment=unbatch(assignment, batched), f=unbatch(problem.u + shift[0], batched),
-        g=unbatch(problem.v + shift[1], batched),
+        assignment=unbatch(assignment, batched), f=unbatch(u, batched), g=unbatch(v, batched),
         n_iters=iters, marginal_error=unbatch(err, batched), converged=unbatch(conv, batched))

@@ -7,10 +7,15 @@ from .._backend import resolve_backend
 from ..results import PartialOTResult
 from ._loop import (GRADS, Problem, converged, cost_shift, fold, make_steps, max_change, run_loop, unbatch,
                     value_of)
-from ._numerics import no_mass
+from ._numerics import in_cost_units, no_mass, weighted_exp
 from .sinkhorn import _dot
 
 METHODS = ("bregman", "dummy")
+
+
+def _constant(shift):
+    """The one offset per problem (B,) taken out of the cost, or 0."""
+    return 0.0 if shift is None else shift[0][..., 0]
 
 
 class _BregmanProblem(Problem):
@@ -60,7 +65,7 @@ class _BregmanProblem(Problem):
     def potentials(self, eps):
         """``(f, g)`` in the cost's units with the mass multiplier folded into ``f``."""
         fp, gp = self.plan_potentials(eps)
-        return fp + self.shift[0], gp
+        return in_cost_units(fp, gp, self.shift)
 
     def terms(self, eps):
         steps, shift, shard = self.steps, self.shift, self.shard
@@ -71,7 +76,7 @@ class _BregmanProblem(Problem):
             c = torch.exp(no_mass((gp + steps.col_lse(cost, fp, eps, shift=shift)) / eps))
             # eps log P = f + g + t - C: the constant taken out of C comes back once per unit of mass.
             value = (shard.total(_dot(r, fp), D.ROWS) + shard.total(_dot(c, gp), D.COLS)
-                     + (shift[0][..., 0] - eps) * shard.sum(r, D.ROWS))
+                     + (_constant(shift) - eps) * shard.sum(r, D.ROWS))
             return value, None, None, fp, gp
         return terms
 
@@ -132,7 +137,7 @@ class _DummyProblem(Problem):
 
     def potentials(self, eps):
         """``(f, g)`` in the cost's units (the plan is ``a_i b_j exp((f_i + g_j - C_ij)/eps)``)."""
-        return self.f + self.shift[0], self.g
+        return in_cost_units(self.f, self.g, self.shift)
 
     def terms(self, eps):
         f, g, fd, gd, shift, shard = self.f, self.g, self.fd, self.gd, self.shift, self.shard
@@ -140,14 +145,15 @@ class _DummyProblem(Problem):
         def terms(cost, a, b):
             lr, lrd = self._rows(eps)
             lc, lcd = self._cols(eps)
-            r, rd = a * torch.exp(no_mass((f + lr) / eps)), self.log_ad.exp() * torch.exp((fd + lrd) / eps)
-            c, cd = b * torch.exp(no_mass((g + lc) / eps)), self.log_bd.exp() * torch.exp((gd + lcd) / eps)
-            m_ext = shard.sum(a, D.ROWS) + self.log_ad.exp()
+            ad, bd = self.log_ad.exp(), self.log_bd.exp()
+            r, rd = weighted_exp(a, no_mass((f + lr) / eps)), weighted_exp(ad, (fd + lrd) / eps)
+            c, cd = weighted_exp(b, no_mass((g + lc) / eps)), weighted_exp(bd, (gd + lcd) / eps)
+            m_ext = shard.sum(a, D.ROWS) + ad
             dummies, dummy_pots = torch.stack([rd, cd], -1), torch.stack([fd, gd], -1)
-            real_mass = m_ext - self.log_ad.exp() - self.log_bd.exp()
+            real_mass = m_ext - ad - bd
             value = (shard.total(_dot(r, f), D.ROWS) + shard.total(_dot(c, g), D.COLS)
                      + _dot(dummies, dummy_pots) - eps * (shard.sum(r, D.ROWS) + rd - m_ext ** 2)
-                     + shift[0][..., 0] * real_mass)
+                     + _constant(shift) * real_mass)
             fp, gp = self.plan_potentials(eps)
             return value, None, None, fp, gp
         return terms
@@ -226,7 +232,7 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
             dummy_cost = V.check_positive(dummy_cost, "dummy_cost")
         name = resolve_backend(backend, cost3.device)
         V.check_grad_backend(grad, name)
-        forbidden, row_min = V.check_cost_values(cost3)
+        forbidden, stats = V.check_cost_values(cost3)
     ma, mb = shard.totals(aw, bw)
     with shard.checks():
         m = V.check_mass(mass, ma.unsqueeze(-1), mb.unsqueeze(-1))  # totals as one-entry marginals
@@ -239,7 +245,7 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
     dtype = V.compute_dtype(cost3)
     # A fixed transported mass makes the plan invariant to a constant added to the cost (not to
     # row or column offsets: the marginals are only bounds).
-    shift = cost_shift(cost3, row_min, dtype, per_line=False, unroll=grad == "unroll", low=shard.low)
+    shift = cost_shift(stats, dtype, per_line=False, unroll=grad == "unroll", shard=shard)
     steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden))
     unroll = grad == "unroll"
     loop_cost = cost3 if unroll else cost3.detach()

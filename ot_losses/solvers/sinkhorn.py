@@ -9,7 +9,7 @@ from .._backend import resolve_backend
 from ..results import SinkhornResult
 from ._loop import (GRADS, Problem, converged, cost_shift, fold, make_steps, max_change, run_loop,
                     start_potentials, unbatch, value_of)
-from ._numerics import no_mass
+from ._numerics import in_cost_units, no_mass, weighted_exp
 
 
 def _damping(rho, eps):
@@ -17,12 +17,13 @@ def _damping(rho, eps):
 
 
 class _SinkhornProblem(Problem):
-    """Row update then column update on the shifted cost ``C~ = C - r - s``.
+    """Row update then column update on the shifted cost ``C~ = C - r - s`` (``shift``, or C).
 
     The potentials are stored shifted too (``f~ = f - r``, ``g~ = g - s``),
     which leaves the balanced updates unchanged; ``reach`` damps each update
     by ``d = rho / (rho + eps)``, which in shifted form reads
-    ``f~ = -d L~ - (1 - d) r``.
+    ``f~ = -d L~ - (1 - d) r`` (unbalanced problems shift by one constant,
+    in ``r``).
 
     ``fused(cost, log_a, log_b, f, g, eps, count, shift) -> (f, g)``, when
     given, runs ``count`` balanced iterations at once (the Triton
@@ -49,16 +50,15 @@ class _SinkhornProblem(Problem):
         lr, self._next_row = self._next_row, None
         if lr is None:
             lr = self._row_pass(eps)
-        lc = None
         if self.rho is None:
             self.f = -lr
-            lc = self.steps.col_lse(self.cost, fold(self.f, self.log_a, eps), eps, shift=self.shift)
-            self.g = -lc
+            self.g = -self.steps.col_lse(self.cost, fold(self.f, self.log_a, eps), eps, shift=self.shift)
             return
-        (da, db), (r, s) = (_damping(self.rho[0], eps), _damping(self.rho[1], eps)), self.shift
-        self.f = -da * lr - (1 - da) * r
-        lc = self.steps.col_lse(self.cost, fold(self.f, self.log_a, eps), eps, shift=self.shift)
-        self.g = -db * lc - (1 - db) * s
+        da, db = _damping(self.rho[0], eps), _damping(self.rho[1], eps)
+        self.f = -da * lr
+        if self.shift is not None:  # shifted form of the damped update (one offset, in r)
+            self.f = self.f - (1 - da) * self.shift[0]
+        self.g = -db * self.steps.col_lse(self.cost, fold(self.f, self.log_a, eps), eps, shift=self.shift)
 
     def mark(self):
         self._old = (self.f, self.g)
@@ -103,9 +103,9 @@ def _value_terms(steps, eps, rho, f, g, shift, shard=D.LOCAL):
         lr = steps.row_lse(cost, gp, eps, shift=shift)
         lc = steps.col_lse(cost, fp, eps, shift=shift)
         log_rr, log_cr = no_mass((f + lr) / eps), no_mass((g + lc) / eps)  # log(r / a), log(c / b)
-        r, c = a * log_rr.exp(), b * log_cr.exp()
+        r, c = weighted_exp(a, log_rr), weighted_exp(b, log_cr)
         ma, mb = shard.sum(a, D.ROWS), shard.sum(b, D.COLS)
-        fo, go = f + shift[0], g + shift[1]
+        fo, go = in_cost_units(f, g, shift)
         value = (shard.total(_dot(r, fo), D.ROWS) + shard.total(_dot(c, go), D.COLS)
                  - eps * (shard.sum(r, D.ROWS) - ma * mb))
         duals = [fo, go]
@@ -184,7 +184,7 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
         ``marginal_error``, ``converged`` (…,) and ``n_iters``.
 
     Raises:
-        TypeError, ValueError: invalid input (see API.md "Errors").
+        TypeError, ValueError: invalid input (see docs/api.md, "Errors").
 
     Example:
         >>> import torch
@@ -214,7 +214,7 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
         init = V.check_init(init, cost3, batched)
         name = resolve_backend(backend, cost3.device)
         V.check_grad_backend(grad, name)
-        forbidden, row_min = V.check_cost_values(cost3)
+        forbidden, stats = V.check_cost_values(cost3)
     ma, mb = shard.totals(aw, bw)
     if rho is None or all(math.isinf(r) for r in rho):
         rho = None
@@ -227,8 +227,7 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
     dtype = V.compute_dtype(cost3)
     # Balanced plans do not change when a constant is added to a row or a column; unbalanced ones
     # do, so only one constant per problem is taken out there.
-    shift = cost_shift(cost3, row_min, dtype, per_line=rho is None,
-                       unroll=grad == "unroll", low=shard.low)
+    shift = cost_shift(stats, dtype, per_line=rho is None, unroll=grad == "unroll", shard=shard)
     steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden))
     B, N, M = cost3.shape
     f, g = start_potentials(init, shift, cost3.shape, dtype, cost3.device)
@@ -243,8 +242,9 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
         iters, err = run_loop(problem, eps, n_iters, tol, schedule, "sinkhorn")
     f, g = problem.f, problem.g  # outside "unroll" the loop ran without grad: already detached
     scale = ma.detach() if rho is None else torch.full_like(err, eps)
+    fo, go = in_cost_units(f, g, shift)
     return SinkhornResult(
-        f=unbatch(f + shift[0], batched), g=unbatch(g + shift[1], batched), n_iters=iters,
+        f=unbatch(fo, batched), g=unbatch(go, batched), n_iters=iters,
         marginal_error=unbatch(err, batched), converged=unbatch(converged(err, tol, scale), batched),
         _cost=loop_cost, _fp=fold(f, log_a, eps), _gp=fold(g, log_b, eps), _eps=eps,
         _batched=batched, _steps=steps, _differentiable=unroll, _shift=shift,
