@@ -77,8 +77,8 @@ def check_cost_values(cost3, name="cost"):
     subtract from the cost. Two passes over the cost (three with forbidden
     entries) and one host sync.
     """
-    row_min, row_max = torch.aminmax(cost3, dim=-1)  # NaN propagates into both
-    col_min, col_max = torch.aminmax(cost3, dim=-2)
+    # amin/amax, not aminmax: the fused op is ~10x slower on CPU. NaN propagates into all four.
+    row_min, row_max, col_min, col_max = cost3.amin(-1), cost3.amax(-1), cost3.amin(-2), cost3.amax(-2)
     nan, neg, pos = torch.stack([torch.isnan(row_min).any(), torch.isneginf(row_min).any(),
                                  torch.isposinf(row_max).any()]).tolist()
     if nan:

@@ -234,7 +234,7 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
     # A fixed transported mass makes the plan invariant to a constant added to the cost (not to
     # row or column offsets: the marginals are only bounds).
     shift = cost_shift(stats, dtype, per_line=False, unroll=grad == "unroll")
-    steps = make_steps(name, grad, cost3, dtype, shift, forbidden)
+    steps = make_steps(name, grad, cost3, dtype, shift, forbidden, row_min=stats[0])
     unroll = grad == "unroll"
     loop_cost = cost3 if unroll else cost3.detach()
     la, lb = (aw, bw) if unroll else (aw.detach(), bw.detach())

@@ -208,7 +208,7 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
     # Balanced plans do not change when a constant is added to a row or a column; unbalanced ones
     # do, so only one constant per problem is taken out there.
     shift = cost_shift(stats, dtype, per_line=rho is None, unroll=grad == "unroll")
-    steps = make_steps(name, grad, cost3, dtype, shift, forbidden)
+    steps = make_steps(name, grad, cost3, dtype, shift, forbidden, row_min=stats[0])
     B, N, M = cost3.shape
     f, g = start_potentials(init, shift, cost3.shape, dtype, cost3.device)
     unroll = grad == "unroll"
