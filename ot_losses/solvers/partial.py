@@ -223,8 +223,10 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
     name = resolve_backend(backend, cost3.device)
     V.check_grad_backend(grad, name)
     forbidden, stats = V.check_cost_values(cost3)
-    V.check_marginal_values(aw, "a")
-    V.check_marginal_values(bw, "b")
+    if a is not None:  # uniform weights built here need no check
+        V.check_marginal_values(aw, "a")
+    if b is not None:
+        V.check_marginal_values(bw, "b")
     m = V.check_mass(mass, aw, bw)
     if forbidden:
         V.check_feasible(cost3, aw, bw, balanced=False)

@@ -196,11 +196,14 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
     name = resolve_backend(backend, cost3.device)
     V.check_grad_backend(grad, name)
     forbidden, stats = V.check_cost_values(cost3)
-    V.check_marginal_values(aw, "a")
-    V.check_marginal_values(bw, "b")
+    if a is not None:  # uniform weights built here need no check
+        V.check_marginal_values(aw, "a")
+    if b is not None:
+        V.check_marginal_values(bw, "b")
     if rho is None or all(math.isinf(r) for r in rho):
         rho = None
-        V.check_equal_mass(aw, bw)
+        if a is not None or b is not None:
+            V.check_equal_mass(aw, bw)
     if forbidden:
         V.check_feasible(cost3, aw, bw, balanced=rho is None)
 
