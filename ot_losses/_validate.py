@@ -77,8 +77,8 @@ def check_cost_values(cost3, name="cost"):
     subtract from the cost. Two passes over the cost (three with forbidden
     entries) and one host sync.
     """
-    row_min, row_max = torch.aminmax(cost3, dim=-1)  # NaN propagates into both
-    col_min, col_max = torch.aminmax(cost3, dim=-2)
+    # amin/amax, not aminmax: the fused op is ~10x slower on CPU. NaN propagates into all four.
+    row_min, row_max, col_min, col_max = cost3.amin(-1), cost3.amax(-1), cost3.amin(-2), cost3.amax(-2)
     nan, neg, pos = torch.stack([torch.isnan(row_min).any(), torch.isneginf(row_min).any(),
                                  torch.isposinf(row_max).any()]).tolist()
     if nan:
@@ -208,7 +208,7 @@ def check_n_iters(n_iters, name="n_iters"):
 
 
 def check_tol(tol):
-    return None if tol is None else check_positive(tol, "tol")
+    return None if tol is None else check_positive_scalar(tol, "tol")
 
 
 def check_choice(x, name, choices):
@@ -237,7 +237,7 @@ def check_reach(reach):
 def check_eps_schedule(eps_schedule, eps):
     if eps_schedule is None:
         return []
-    sched = [check_positive(e, "eps_schedule") for e in eps_schedule]
+    sched = [check_positive_scalar(e, "eps_schedule") for e in eps_schedule]
     if any(e < eps for e in sched) or any(x < y for x, y in zip(sched, sched[1:])):
         raise ValueError(f"eps_schedule must be a decreasing sequence of values >= eps={eps}; got {sched}")
     return sched

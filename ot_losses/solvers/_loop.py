@@ -31,14 +31,15 @@ def unbatch(x, batched):
     return x if batched else x.squeeze(0)
 
 
-def make_steps(backend, grad, cost3, dtype, shift, forbidden, scaled=True):
+def make_steps(backend, grad, cost3, dtype, shift, forbidden, scaled=True, row_min=None):
     """Half-step namespace for a resolved backend and gradient mode.
 
     ``grad="unroll"`` keeps the plain differentiable reference steps; the torch
-    backend otherwise uses the cached-kernel fast path when ``scaled``.
+    backend otherwise uses the cached-kernel fast path when ``scaled``
+    (seeded from ``row_min`` when given).
     """
     if backend == "torch" and grad != "unroll" and scaled:
-        return ScalingSteps(cost3.detach(), dtype, shift, forbidden)
+        return ScalingSteps(cost3.detach(), dtype, shift, forbidden, row_min)
     return get_steps(backend)
 
 

@@ -99,7 +99,7 @@ def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=Non
         cost3, batched = V.check_cost(cost)
         N, M = shard.size(cost3, 1), shard.size(cost3, 2)  # global sizes when the cost is split
         k = V.check_k(k, M)
-        eps = V.check_positive(eps, "eps")
+        eps = V.check_positive_scalar(eps, "eps")
         n_iters = V.check_n_iters(n_iters)
         tol = V.check_tol(tol)
         V.check_choice(grad, "grad", _GRADS)
@@ -110,7 +110,8 @@ def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=Non
         forbidden, stats = V.check_cost_values(cost3)
     mb = shard.sum(bw, D.COLS)
     with shard.checks():
-        V.check_marginal_values(bw, "b", mb)
+        if b is not None:  # uniform weights built here need no check
+            V.check_marginal_values(bw, "b", mb)
         if not torch.allclose(mb, torch.ones_like(mb), rtol=0, atol=1e-5):
             raise ValueError(f"b must sum to 1 (column j receives k * N * b_j, rows k each); "
                              f"got sum(b) = {mb.max().item():.8g}")

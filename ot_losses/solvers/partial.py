@@ -220,7 +220,7 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
     shard = D.shard_of(cost, process_group, shard_dim)
     with shard.checks():  # with a group, an error on any rank is raised on every rank
         cost3, batched = V.check_cost(cost)
-        eps = V.check_positive(eps, "eps")
+        eps = V.check_positive_scalar(eps, "eps")
         n_iters = V.check_n_iters(n_iters)
         tol = V.check_tol(tol)
         V.check_choice(method, "method", METHODS)
@@ -229,11 +229,11 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
         aw = shard.marginal(a, "a", cost3, 1, batched)
         bw = shard.marginal(b, "b", cost3, 2, batched)
         if dummy_cost is not None:
-            dummy_cost = V.check_positive(dummy_cost, "dummy_cost")
+            dummy_cost = V.check_positive_scalar(dummy_cost, "dummy_cost")
         name = resolve_backend(backend, cost3.device)
         V.check_grad_backend(grad, name)
         forbidden, stats = V.check_cost_values(cost3)
-    ma, mb = shard.totals(aw, bw)
+    ma, mb = shard.totals(aw, bw, check=(a is not None, b is not None))  # uniform weights need no check
     with shard.checks():
         m = V.check_mass(mass, ma.unsqueeze(-1), mb.unsqueeze(-1))  # totals as one-entry marginals
     if shard.any(forbidden):
@@ -246,7 +246,7 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
     # A fixed transported mass makes the plan invariant to a constant added to the cost (not to
     # row or column offsets: the marginals are only bounds).
     shift = cost_shift(stats, dtype, per_line=False, unroll=grad == "unroll", shard=shard)
-    steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden))
+    steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden, row_min=stats[0]))
     unroll = grad == "unroll"
     loop_cost = cost3 if unroll else cost3.detach()
     la, lb = (aw, bw) if unroll else (aw.detach(), bw.detach())

@@ -202,7 +202,7 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
     shard = D.shard_of(cost, process_group, shard_dim)
     with shard.checks():  # with a group, an error on any rank is raised on every rank
         cost3, batched = V.check_cost(cost)
-        eps = V.check_positive(eps, "eps")
+        eps = V.check_positive_scalar(eps, "eps")
         n_iters = V.check_n_iters(n_iters)
         tol = V.check_tol(tol)
         rho = V.check_reach(reach)
@@ -215,11 +215,12 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
         name = resolve_backend(backend, cost3.device)
         V.check_grad_backend(grad, name)
         forbidden, stats = V.check_cost_values(cost3)
-    ma, mb = shard.totals(aw, bw)
+    ma, mb = shard.totals(aw, bw, check=(a is not None, b is not None))  # uniform weights need no check
     if rho is None or all(math.isinf(r) for r in rho):
         rho = None
-        with shard.checks():
-            V.check_equal_mass(ma.unsqueeze(-1), mb.unsqueeze(-1))  # totals as one-entry marginals
+        if a is not None or b is not None:
+            with shard.checks():
+                V.check_equal_mass(ma.unsqueeze(-1), mb.unsqueeze(-1))  # totals as one-entry marginals
     if shard.any(forbidden):
         with shard.checks():
             V.check_feasible(cost3, aw, bw, balanced=rho is None, complete=shard.total, offsets=shard.offsets)
@@ -228,7 +229,7 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
     # Balanced plans do not change when a constant is added to a row or a column; unbalanced ones
     # do, so only one constant per problem is taken out there.
     shift = cost_shift(stats, dtype, per_line=rho is None, unroll=grad == "unroll", shard=shard)
-    steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden))
+    steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden, row_min=stats[0]))
     B, N, M = cost3.shape
     f, g = start_potentials(init, shift, cost3.shape, dtype, cost3.device)
     unroll = grad == "unroll"
