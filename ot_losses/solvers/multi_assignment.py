@@ -33,9 +33,12 @@ class _MultiAssignmentProblem(Problem):
         self.log_c, self.log_not_c = col_target.log(), (N - col_target).log()
         self.k = k
         self.u, self.v = start
+        self._next_rows = None  # (l1, l0) of the last check, valid until u or v changes
 
     def step(self, eps):
-        l1, l0 = self.steps.row_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift)
+        rows, self._next_rows = self._next_rows, None
+        l1, l0 = rows if rows is not None else self.steps.row_sigmoid_lse(self.cost, self.u, self.v, eps,
+                                                                          shift=self.shift)
         self.u = self.u + eps * (self.log_k - self.log_not_k) - l1 + l0
         c1, c0 = self.steps.col_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift)
         v = self.v + eps * (self.log_c - self.log_not_c) - c1 + c0
@@ -46,7 +49,9 @@ class _MultiAssignmentProblem(Problem):
 
     def error(self, eps):
         # The per-cell bound moves X after each update: neither side is exact, measure both.
-        l1, _ = self.steps.row_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift)
+        # The row pass is the next iteration's first: kept for it.
+        self._next_rows = self.steps.row_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift)
+        l1 = self._next_rows[0]
         c1, _ = self.steps.col_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift)
         rows = self.shard.sum((torch.exp(l1 / eps) - self.k).abs(), D.ROWS)
         return rows + self.shard.sum((torch.exp(c1 / eps) - self.log_c.exp()).abs(), D.COLS)
