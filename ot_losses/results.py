@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ._distributed import LOCAL, ROWS
 from .solvers._numerics import no_mass
 
 
@@ -32,6 +33,7 @@ class _PlanResult:
     _differentiable: bool = field(compare=False)
     _value_fn: Optional[Callable] = field(default=None, compare=False)
     _shift: Any = field(default=None, compare=False)  # (r, s) offsets the steps subtract from the cost
+    _shard: Any = field(default=LOCAL, compare=False)  # layout across a process group (data-parallel)
 
     def _out(self, x):
         return x if self._batched else x.squeeze(0)
@@ -108,12 +110,16 @@ class PartialOTResult(_PlanResult):
 
     @cached_property
     def mass(self):
-        """``(…,)`` total mass of the returned plan, from one row pass (the plan is not built)."""
+        """``(…,)`` total mass of the returned plan, from its row sums (one pass; the plan is not built).
+
+        Over every rank's block: collective with a process group (the row sums are
+        complete across a column split, partial across a row split).
+        """
 
         def total(cost, f, g, eps, shift=None):
             lr = self._steps.row_lse(cost, g, eps, shift=shift)
             return torch.exp(no_mass((f + lr) / eps)).sum(-1)
-        return self._out(self._compute(total))
+        return self._shard.total(self._out(self._compute(total)), ROWS)
 
 
 @dataclass(frozen=True, repr=False)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Tuple, Union, overload
+from typing import Any, Literal, Optional, Tuple, Union, overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _distributed as D
 from .. import _validate as V
 from ._common import Scalar, loss_dtype, no_autocast, reduce
 
@@ -22,7 +23,8 @@ class InfoNCEDetails:
     """Diagnostics of :func:`info_nce_loss`.
 
     Attributes:
-        logits: (N, N) ``z_a z_b^T / temperature`` (detached).
+        logits: (N, N) ``z_a z_b^T / temperature`` (detached); with a process_group,
+            this rank's rows against the global batch.
         accuracy_ab: fraction of rows whose argmax is the paired column (a -> b).
         accuracy_ba: same for b -> a.
     """
@@ -33,23 +35,24 @@ class InfoNCEDetails:
 
 @overload
 def info_nce_loss(z_a: Tensor, z_b: Tensor, *, temperature: Scalar = ..., normalize: bool = ...,
-                  reduction: Reduction = ..., return_details: Literal[False] = ...) -> Tensor: ...
+                  reduction: Reduction = ..., process_group: Optional[Any] = ...,
+                  return_details: Literal[False] = ...) -> Tensor: ...
 
 
 @overload
 def info_nce_loss(z_a: Tensor, z_b: Tensor, *, temperature: Scalar = ..., normalize: bool = ...,
-                  reduction: Reduction = ...,
+                  reduction: Reduction = ..., process_group: Optional[Any] = ...,
                   return_details: Literal[True]) -> Tuple[Tensor, InfoNCEDetails]: ...
 
 
 @overload
 def info_nce_loss(z_a: Tensor, z_b: Tensor, *, temperature: Scalar = ..., normalize: bool = ...,
-                  reduction: Reduction = ...,
+                  reduction: Reduction = ..., process_group: Optional[Any] = ...,
                   return_details: bool = ...) -> Union[Tensor, Tuple[Tensor, InfoNCEDetails]]: ...
 
 
 def info_nce_loss(z_a: Tensor, z_b: Tensor, *, temperature: Scalar = 0.07, normalize: bool = True,
-                  reduction: Reduction = "mean",
+                  reduction: Reduction = "mean", process_group: Optional[Any] = None,
                   return_details: bool = False) -> Union[Tensor, Tuple[Tensor, InfoNCEDetails]]:
     """Symmetric InfoNCE: the mean of the a->b and b->a cross-entropies of paired rows.
 
@@ -64,6 +67,11 @@ def info_nce_loss(z_a: Tensor, z_b: Tensor, *, temperature: Scalar = 0.07, norma
         reduction: ``"mean"`` (the loss above), ``"sum"``, or ``"none"``: the (N,)
             per-pair losses ``1/2 [CE_a->b(i) + CE_b->a(i)]``, e.g. to feed
             :func:`ot_losses.losses.split_clean_noisy`.
+        process_group: a ``torch.distributed`` group over which the batch is
+            split (each rank passes its local pairs): the negatives of a row
+            are the whole global batch (gathered with gradient), and the loss
+            averages this rank's rows, so DDP with equal local batches trains
+            exactly as one process on the whole batch. None: local batch only.
         return_details: also return an :class:`InfoNCEDetails`.
 
     Returns:
@@ -90,20 +98,28 @@ def info_nce_loss(z_a: Tensor, z_b: Tensor, *, temperature: Scalar = 0.07, norma
     temperature = V.check_positive_scalar(temperature, "temperature")
     V.check_reduction(reduction)
     V.check_finite_inputs((z_a, "z_a"), (z_b, "z_b"))
+    D.loss_group(process_group)
     if normalize:
         z_a, z_b = F.normalize(z_a, dim=1), F.normalize(z_b, dim=1)
     dtype = loss_dtype(z_a, z_b)
-    logits = (z_a @ z_b.T).to(dtype) / temperature
+    if process_group is None:
+        logits = (z_a @ z_b.T).to(dtype) / temperature
+        logits_ba, offset = logits.T, 0
+    else:  # local rows against the global batch, both directions
+        all_b, offset = D.gather_rows(z_b, process_group)
+        all_a, _ = D.gather_rows(z_a, process_group)
+        logits = (z_a @ all_b.T).to(dtype) / temperature
+        logits_ba = (z_b @ all_a.T).to(dtype) / temperature
     with no_autocast(logits.device):
-        labels = torch.arange(logits.shape[0], device=logits.device)
+        labels = offset + torch.arange(logits.shape[0], device=logits.device)
         per_pair = 0.5 * (F.cross_entropy(logits, labels, reduction="none")
-                          + F.cross_entropy(logits.T, labels, reduction="none"))
+                          + F.cross_entropy(logits_ba, labels, reduction="none"))
         loss = reduce(per_pair, reduction)
     if not return_details:
         return loss
     with torch.no_grad():
         acc_ab = (logits.argmax(dim=1) == labels).to(dtype).mean().item()
-        acc_ba = (logits.argmax(dim=0) == labels).to(dtype).mean().item()
+        acc_ba = (logits_ba.argmax(dim=1) == labels).to(dtype).mean().item()
     return loss, InfoNCEDetails(logits=logits.detach(), accuracy_ab=acc_ab, accuracy_ba=acc_ba)
 
 
@@ -111,7 +127,7 @@ class InfoNCELoss(nn.Module):
     """Module form of :func:`info_nce_loss` (no learnable parts).
 
     Args:
-        temperature, normalize, reduction: as in :func:`info_nce_loss`.
+        temperature, normalize, reduction, process_group: as in :func:`info_nce_loss`.
 
     Example:
         >>> import torch
@@ -121,8 +137,10 @@ class InfoNCELoss(nn.Module):
         torch.Size([])
     """
 
-    def __init__(self, *, temperature: Scalar = 0.07, normalize: bool = True, reduction: Reduction = "mean"):
+    def __init__(self, *, temperature: Scalar = 0.07, normalize: bool = True, reduction: Reduction = "mean",
+                 process_group: Optional[Any] = None):
         super().__init__()
+        self.process_group = D.loss_group(process_group)
         self.temperature = V.check_positive_scalar(temperature, "temperature")
         self.normalize = V.check_flag(normalize, "normalize")
         V.check_reduction(reduction)
@@ -132,7 +150,8 @@ class InfoNCELoss(nn.Module):
                 return_details: bool = False) -> Union[Tensor, Tuple[Tensor, InfoNCEDetails]]:
         """Loss for one batch of pairs ``z_a``, ``z_b`` (N, D); see :func:`info_nce_loss`."""
         return info_nce_loss(z_a, z_b, temperature=self.temperature, normalize=self.normalize,
-                             reduction=self.reduction, return_details=return_details)
+                             reduction=self.reduction, process_group=self.process_group,
+                             return_details=return_details)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}"

@@ -68,27 +68,28 @@ def _sym_kl_rows(sim: Tensor, plan: Tensor, tau: float) -> Tuple[Tensor, Tensor]
 @overload
 def l2rm_loss(sim: Tensor, *, cost: Optional[Tensor] = ..., mass: Scalar = ..., eps: Scalar = ...,
               tau: Scalar = ..., forbid_diagonal: bool = ..., n_iters: int = ..., tol: Optional[Scalar] = ...,
-              backend: str = ..., reduction: Reduction = ...,
+              backend: str = ..., reduction: Reduction = ..., process_group: None = ...,
               return_details: Literal[False] = ...) -> Tensor: ...
 
 
 @overload
 def l2rm_loss(sim: Tensor, *, cost: Optional[Tensor] = ..., mass: Scalar = ..., eps: Scalar = ...,
               tau: Scalar = ..., forbid_diagonal: bool = ..., n_iters: int = ..., tol: Optional[Scalar] = ...,
-              backend: str = ..., reduction: Reduction = ...,
+              backend: str = ..., reduction: Reduction = ..., process_group: None = ...,
               return_details: Literal[True]) -> Tuple[Tensor, L2RMDetails]: ...
 
 
 @overload
 def l2rm_loss(sim: Tensor, *, cost: Optional[Tensor] = ..., mass: Scalar = ..., eps: Scalar = ...,
               tau: Scalar = ..., forbid_diagonal: bool = ..., n_iters: int = ..., tol: Optional[Scalar] = ...,
-              backend: str = ..., reduction: Reduction = ...,
+              backend: str = ..., reduction: Reduction = ..., process_group: None = ...,
               return_details: bool = ...) -> Union[Tensor, Tuple[Tensor, L2RMDetails]]: ...
 
 
 def l2rm_loss(sim: Tensor, *, cost: Optional[Tensor] = None, mass: Scalar = 0.1, eps: Scalar = 0.07,
               tau: Scalar = 0.05, forbid_diagonal: bool = True, n_iters: int = 1000,
               tol: Optional[Scalar] = 1e-6, backend: str = "auto", reduction: Reduction = "mean",
+              process_group: None = None,
               return_details: bool = False) -> Union[Tensor, Tuple[Tensor, L2RMDetails]]:
     """Symmetric KL between the model's matching distributions and a partial-OT rematching.
 
@@ -117,6 +118,13 @@ def l2rm_loss(sim: Tensor, *, cost: Optional[Tensor] = None, mass: Scalar = 0.1,
             per-row KL terms of both directions), or ``"none"``: for a square ``sim``,
             the (n,) per-pair losses ``1/2 [rows_i + cols_i]`` of the given pairs
             ``(i, i)``, whose mean is the loss.
+        process_group: must be None. A sharded L2RM would need autograd through
+            the column softmax of the global (N, N) similarity and a learned
+            cost net whose own optimiser steps outside DDP; for data-parallel
+            training, gather the embeddings with gradient
+            (``torch.distributed.nn.functional.all_gather``), build the global
+            ``sim`` on every rank and call this loss without a group: DDP's
+            gradient average then equals one process on the whole batch.
         return_details: also return an :class:`L2RMDetails`.
 
     Returns:
@@ -141,6 +149,7 @@ def l2rm_loss(sim: Tensor, *, cost: Optional[Tensor] = None, mass: Scalar = 0.1,
     Reference: Han et al., "Learning to Rematch Mismatched Pairs for Robust
     Cross-Modal Retrieval" (CVPR 2024); dummy-point partial OT of Chapel et al. (2020).
     """
+    V.check_l2rm_group(process_group)
     V.check_matrix(sim, "sim", cols_desc="m")
     if cost is not None:
         V.check_matrix(cost, "cost", cols_desc="m")
@@ -251,6 +260,7 @@ class L2RMLoss(nn.Module):
         batch_size: the largest number of columns m of the similarity matrices (L2RM: 128).
         mass, eps, tau, forbid_diagonal, n_iters, tol, backend, reduction: as in :func:`l2rm_loss`.
         lr_cost: learning rate of the cost net (L2RM: 2e-6).
+        process_group: must be None (see :func:`l2rm_loss` for data-parallel use).
 
     Example:
         >>> import torch
@@ -264,8 +274,10 @@ class L2RMLoss(nn.Module):
 
     def __init__(self, batch_size: int, *, mass: Scalar = 0.1, eps: Scalar = 0.07, tau: Scalar = 0.05,
                  forbid_diagonal: bool = True, n_iters: int = 1000, tol: Optional[Scalar] = 1e-6,
-                 lr_cost: Scalar = 2e-6, backend: str = "auto", reduction: Reduction = "mean"):
+                 lr_cost: Scalar = 2e-6, backend: str = "auto", reduction: Reduction = "mean",
+                 process_group: None = None):
         super().__init__()
+        V.check_l2rm_group(process_group)
         self.mass = V.check_fraction(mass, "mass")
         self.eps = V.check_positive_scalar(eps, "eps")
         self.tau = V.check_positive_scalar(tau, "tau")

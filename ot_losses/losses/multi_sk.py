@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Literal, Optional, Sequence, Tuple, Union, overload
+from typing import Any, Dict, Literal, Optional, Sequence, Tuple, Union, overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _distributed as D
 from .. import _validate as V
 from .._backend import BACKENDS
 from ..results import MultiAssignmentResult
@@ -61,8 +62,8 @@ def _check_k(k: Optional[int], n_anchors: int) -> int:
 
 
 def multi_sk_targets(target: Tensor, *, k: Optional[int] = None, eps: Scalar = 0.07, n_iters: int = 20,
-                     queue: Optional[Tensor] = None,
-                     backend: str = "auto") -> Tuple[Tensor, Tensor, MultiAssignmentResult]:
+                     queue: Optional[Tensor] = None, backend: str = "auto",
+                     process_group: Optional[Any] = None) -> Tuple[Tensor, Tensor, MultiAssignmentResult]:
     """Soft multi-assignment targets of the last N rows, no gradient.
 
     ``X = multi_assignment_sinkhorn(-0.75 * [queue; target], k, eps=eps, n_iters=n_iters).assignment``
@@ -77,6 +78,9 @@ def multi_sk_targets(target: Tensor, *, k: Optional[int] = None, eps: Scalar = 0
         n_iters: solver iterations (official: 20).
         queue: optional (Q, K) (or (B, Q, K)) past scores against the same anchors, prepended.
         backend: solver backend passed to :func:`ot_losses.multi_assignment_sinkhorn`.
+        process_group: a ``torch.distributed`` group across which the rows
+            (``target`` and ``queue``: this rank's) are split; the column
+            capacities then hold over the global batch. None: one process.
 
     Returns:
         ``(targets, assignment, result)``: (…, N, K), (…, N, K) and the solver result.
@@ -88,7 +92,9 @@ def multi_sk_targets(target: Tensor, *, k: Optional[int] = None, eps: Scalar = 0
         if queue is not None and queue.shape[-2] > 0:
             s = torch.cat([queue.detach().to(dtype), s], dim=-2)
         res = multi_assignment_sinkhorn(-_SCORE_SCALE * s, k_, eps=V.check_positive_scalar(eps, "eps"),
-                                        n_iters=n_iters, grad="none", backend=backend)
+                                        n_iters=n_iters, grad="none", backend=backend,
+                                        process_group=process_group,
+                                        shard_dim=None if process_group is None else -2)
         x = res.assignment[..., -target.shape[-2]:, :].to(dtype)
         return _rowwise_minmax(x), x, res
 
@@ -111,27 +117,27 @@ def _bce_exp_logits(pred: Tensor, target: Tensor, temperature: float) -> Tensor:
 @overload
 def multi_sk_loss(pred: Tensor, target: Tensor, *, k: Optional[int] = ..., eps: Scalar = ...,
                   n_iters: int = ..., temperature: Scalar = ..., queue: Optional[Tensor] = ...,
-                  backend: str = ...,
+                  backend: str = ..., process_group: Optional[Any] = ...,
                   return_details: Literal[False] = ...) -> Tensor: ...
 
 
 @overload
 def multi_sk_loss(pred: Tensor, target: Tensor, *, k: Optional[int] = ..., eps: Scalar = ...,
                   n_iters: int = ..., temperature: Scalar = ..., queue: Optional[Tensor] = ...,
-                  backend: str = ...,
+                  backend: str = ..., process_group: Optional[Any] = ...,
                   return_details: Literal[True]) -> Tuple[Tensor, MultiSKDetails]: ...
 
 
 @overload
 def multi_sk_loss(pred: Tensor, target: Tensor, *, k: Optional[int] = ..., eps: Scalar = ...,
                   n_iters: int = ..., temperature: Scalar = ..., queue: Optional[Tensor] = ...,
-                  backend: str = ...,
+                  backend: str = ..., process_group: Optional[Any] = ...,
                   return_details: bool = ...) -> Union[Tensor, Tuple[Tensor, MultiSKDetails]]: ...
 
 
 def multi_sk_loss(pred: Tensor, target: Tensor, *, k: Optional[int] = None, eps: Scalar = 0.07,
                   n_iters: int = 20, temperature: Scalar = 0.1, queue: Optional[Tensor] = None,
-                  backend: str = "auto",
+                  backend: str = "auto", process_group: Optional[Any] = None,
                   return_details: bool = False) -> Union[Tensor, Tuple[Tensor, MultiSKDetails]]:
     """Multi-SK consistency: BCE of ``exp(pred / T)`` against the multi-assignment of ``target``.
 
@@ -152,6 +158,10 @@ def multi_sk_loss(pred: Tensor, target: Tensor, *, k: Optional[int] = None, eps:
         temperature: positive real ``T`` of the logits ``exp(pred / T)`` (official 0.1).
         queue: optional (Q, K) past target scores against the same anchors.
         backend: solver backend passed to :func:`ot_losses.multi_assignment_sinkhorn`.
+        process_group: a ``torch.distributed`` group across which the batch is
+            split (``pred``, ``target``, ``queue``: this rank's rows): targets
+            from the global batch, loss averaged over this rank's rows, so
+            DDP with equal local batches equals one process on the whole batch.
         return_details: also return a :class:`MultiSKDetails`.
 
     Returns:
@@ -184,7 +194,9 @@ def multi_sk_loss(pred: Tensor, target: Tensor, *, k: Optional[int] = None, eps:
     eps_ = V.check_positive_scalar(eps, "eps")
     _check_k(k, pred.shape[1])
     V.check_finite_inputs((pred, "pred"), (target, "target"), (queue, "queue"))
-    y, x, res = multi_sk_targets(target, k=k, eps=eps_, n_iters=n_iters, queue=queue, backend=backend)
+    D.loss_group(process_group)
+    y, x, res = multi_sk_targets(target, k=k, eps=eps_, n_iters=n_iters, queue=queue, backend=backend,
+                                 process_group=process_group)
     dtype = loss_dtype(pred, target)
     with no_autocast(pred.device):
         loss = _bce_exp_logits(pred.to(dtype), y.to(dtype), temp)
@@ -236,6 +248,12 @@ class MultiSKLoss(nn.Module):
         eps, n_iters, temperature, backend: as in :func:`multi_sk_loss`.
         info_nce_weight: weight of an added :func:`info_nce_loss` on the joint embeddings.
         info_nce_temperature: its temperature (official NormSoftmax: 0.05).
+        process_group: ``torch.distributed`` group for data-parallel training
+            (see :func:`multi_sk_loss`). The queues then hold the gathered
+            global batches (identical on every rank, ``queue_size`` counts
+            global rows), each rank feeding its share to the OT problem. Keep
+            the module inside the ``DistributedDataParallel`` wrapper with the
+            encoders; in training mode it warns if its anchors differ across ranks.
 
     Example:
         >>> import torch
@@ -252,8 +270,10 @@ class MultiSKLoss(nn.Module):
 
     def __init__(self, dims: Union[int, Sequence[int]], n_anchors: int = 64, *, queue_size: int = 0,
                  k: Optional[int] = None, eps: Scalar = 0.07, n_iters: int = 20, temperature: Scalar = 0.1,
-                 info_nce_weight: Scalar = 0.0, info_nce_temperature: Scalar = 0.05, backend: str = "auto"):
+                 info_nce_weight: Scalar = 0.0, info_nce_temperature: Scalar = 0.05, backend: str = "auto",
+                 process_group: Optional[Any] = None):
         super().__init__()
+        self.process_group = D.loss_group(process_group)
         if isinstance(dims, int):
             dims = (dims, dims, dims)
         dims_ok = isinstance(dims, (tuple, list)) and len(dims) == 3
@@ -303,6 +323,9 @@ class MultiSKLoss(nn.Module):
                 raise ValueError(f"{name} must have N={n} rows like x_a; got {tuple(f.shape)}")
         V.check_devices(x_a, "x_a", *zip(raw[1:], names[1:]))
         V.check_finite_inputs(*zip(raw, names))
+        group = self.process_group
+        if self.training:
+            D.warn_if_diverged(self, group)
         feats = {nm: F.normalize(f, dim=1) for nm, f in zip(names, raw)}
         anchors = {"in_a": F.normalize(self.anchors_in_a, dim=1),
                    "in_b": F.normalize(self.anchors_in_b, dim=1),
@@ -316,17 +339,19 @@ class MultiSKLoss(nn.Module):
                 terms.append((f"joint_{j}[z_{m}]<-in_{j}", f"z_{m}", f"joint_{j}", f"x_{j}", f"in_{j}"))
         # FIFO, newest rows last: while the queue fills, its last queue_rows rows are the past features
         queue_rows = min(int(self.queue_count), self.queue_size)
+        # With a group the queues are the same on every rank: each rank contributes its share.
+        part = slice(None) if group is None else D.rank_slice(queue_rows, group)
         # all terms share (N [+ Q], K): one batched multi-assignment solve instead of len(terms)
         with torch.no_grad():
             targets, queues = [], []
             for _, _, _, tf, ta in terms:
                 targets.append(feats[tf].detach() @ anchors[ta].detach().T)
                 if queue_rows > 0:
-                    past = getattr(self, f"queue_{tf}")[-queue_rows:]
+                    past = getattr(self, f"queue_{tf}")[-queue_rows:][part]
                     queues.append(F.normalize(past, dim=1).to(targets[-1].dtype) @ anchors[ta].detach().T)
             queue = torch.stack(queues) if queues else None
             y, x, res = multi_sk_targets(torch.stack(targets), k=self.k, eps=self.eps, n_iters=self.n_iters,
-                                         queue=queue, backend=self.backend)
+                                         queue=queue, backend=self.backend, process_group=group)
         preds, outs, details = [], [], {}
         for t, (key, pf, pa, _, _) in enumerate(terms):
             pred = feats[pf] @ anchors[pa].T
@@ -343,7 +368,7 @@ class MultiSKLoss(nn.Module):
         if self.queue_size > 0 and self.training:
             self._push(feats)
         if self.info_nce_weight > 0:
-            nce = info_nce_loss(z_a, z_b, temperature=self.info_nce_temperature)
+            nce = info_nce_loss(z_a, z_b, temperature=self.info_nce_temperature, process_group=group)
             total = total + self.info_nce_weight * nce
         if return_details:
             return total, MultiSKModuleDetails(terms=details, queue_rows=queue_rows)
@@ -357,6 +382,8 @@ class MultiSKLoss(nn.Module):
 
     @torch.no_grad()
     def _push(self, feats: Dict[str, Tensor]) -> None:
+        if self.process_group is not None:  # the queues hold the global batches, the same on every rank
+            feats = {name: D.gather_rows(f.detach(), self.process_group)[0] for name, f in feats.items()}
         for name, f in feats.items():
             queue = getattr(self, f"queue_{name}")
             f = f.detach().to(queue.dtype)[-self.queue_size:]

@@ -8,12 +8,13 @@ other member's pseudo-label.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Tuple, Union, overload
+from typing import Any, Literal, Optional, Tuple, Union, overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _distributed as D
 from .. import _validate as V
 from .._backend import BACKENDS
 from ..results import SinkhornResult
@@ -43,8 +44,8 @@ class SwAMPDetails:
     n_iters: int
 
 
-def swav_targets(scores: Tensor, *, eps: Scalar = 0.05, n_iters: int = 3,
-                 backend: str = "auto") -> Tuple[Tensor, SinkhornResult]:
+def swav_targets(scores: Tensor, *, eps: Scalar = 0.05, n_iters: int = 3, backend: str = "auto",
+                 process_group: Optional[Any] = None) -> Tuple[Tensor, SinkhornResult]:
     """SwAV's ``distributed_sinkhorn`` (world size 1) in the log domain, no gradient.
 
     ``Q = N * sinkhorn(-S^T, eps=eps, n_iters=n_iters).plan^T``: the prototype
@@ -57,6 +58,10 @@ def swav_targets(scores: Tensor, *, eps: Scalar = 0.05, n_iters: int = 3,
         eps: positive real, absolute entropic regularisation (score units).
         n_iters: number of Sinkhorn iterations (SwAV: 3).
         backend: solver backend, see :func:`ot_losses.sinkhorn`.
+        process_group: a ``torch.distributed`` group across which the samples
+            are split (``scores`` = this rank's rows): the equipartition holds
+            over the global batch (SwAV's ``distributed_sinkhorn``), with only
+            (K,) partials all-reduced per iteration. None: one process.
 
     Returns:
         ``(Q, result)``: (N, K) tensor whose rows sum to 1, and the solver result.
@@ -64,34 +69,37 @@ def swav_targets(scores: Tensor, *, eps: Scalar = 0.05, n_iters: int = 3,
     with torch.no_grad(), no_autocast(scores.device):
         s = scores.detach().to(loss_dtype(scores))
         res = sinkhorn(-s.T, eps=V.check_positive_scalar(eps, "eps"), n_iters=n_iters, grad="none",
-                       backend=backend)
-        q = s.shape[0] * res.plan.T
+                       backend=backend, process_group=process_group,
+                       shard_dim=None if process_group is None else 1)
+        total = s.shape[0] if process_group is None else D.total_rows(s.shape[0], process_group, s.device)
+        q = total * res.plan.T
     return q, res
 
 
 @overload
 def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = ..., temperature: Scalar = ...,
                n_iters: int = ..., queue_a: Optional[Tensor] = ..., queue_b: Optional[Tensor] = ...,
-               normalize: bool = ..., backend: str = ..., return_details: Literal[False] = ...) -> Tensor: ...
+               normalize: bool = ..., backend: str = ..., process_group: Optional[Any] = ...,
+               return_details: Literal[False] = ...) -> Tensor: ...
 
 
 @overload
 def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = ..., temperature: Scalar = ...,
                n_iters: int = ..., queue_a: Optional[Tensor] = ..., queue_b: Optional[Tensor] = ...,
-               normalize: bool = ..., backend: str = ...,
+               normalize: bool = ..., backend: str = ..., process_group: Optional[Any] = ...,
                return_details: Literal[True]) -> Tuple[Tensor, SwAMPDetails]: ...
 
 
 @overload
 def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = ..., temperature: Scalar = ...,
                n_iters: int = ..., queue_a: Optional[Tensor] = ..., queue_b: Optional[Tensor] = ...,
-               normalize: bool = ..., backend: str = ...,
+               normalize: bool = ..., backend: str = ..., process_group: Optional[Any] = ...,
                return_details: bool = ...) -> Union[Tensor, Tuple[Tensor, SwAMPDetails]]: ...
 
 
 def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = 0.05, temperature: Scalar = 0.1,
                n_iters: int = 3, queue_a: Optional[Tensor] = None, queue_b: Optional[Tensor] = None,
-               normalize: bool = True, backend: str = "auto",
+               normalize: bool = True, backend: str = "auto", process_group: Optional[Any] = None,
                return_details: bool = False) -> Union[Tensor, Tuple[Tensor, SwAMPDetails]]:
     """Swapped cross-entropy between the two members of each pair, SwAV pseudo-labels.
 
@@ -111,6 +119,12 @@ def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = 0.
             the last N rows of the targets are used.
         normalize: L2-normalise embeddings, queues and prototypes first.
         backend: solver backend passed to :func:`ot_losses.sinkhorn`.
+        process_group: a ``torch.distributed`` group across which the batch is
+            split; ``z_a``, ``z_b`` (and ``queue_a``, ``queue_b``) are this
+            rank's rows. The pseudo-labels are those of the global batch (plus
+            the global queue) and the loss averages this rank's rows, so DDP
+            with equal local batches trains exactly as one process on the
+            whole batch. None: one process.
         return_details: also return a :class:`SwAMPDetails`.
 
     Returns:
@@ -147,6 +161,7 @@ def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = 0.
     eps = V.check_positive_scalar(eps, "eps")
     temperature = V.check_positive_scalar(temperature, "temperature")
     V.check_finite_inputs(*named)
+    D.loss_group(process_group)
 
     if normalize:
         z_a, z_b = F.normalize(z_a, dim=1), F.normalize(z_b, dim=1)
@@ -163,7 +178,7 @@ def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = 0.
             if queue is not None and queue.shape[0] > 0:
                 qz = F.normalize(queue, dim=1) if normalize else queue
                 s = torch.cat([(qz.to(prototypes.dtype) @ prototypes.T).detach().to(dtype), s], dim=0)
-        q, res = swav_targets(s, eps=eps, n_iters=n_iters, backend=backend)
+        q, res = swav_targets(s, eps=eps, n_iters=n_iters, backend=backend, process_group=process_group)
         q_parts.append(q[-n:])
         res_parts.append(res)
     q_a, q_b = q_parts
@@ -201,6 +216,14 @@ class SwAMPLoss(nn.Module):
             in place (on this module's own parameter) before each forward, as SwAV.
         info_nce_weight: weight of an added :func:`info_nce_loss` (0: SwAMP alone).
         info_nce_temperature: its temperature.
+        process_group: ``torch.distributed`` group for data-parallel training
+            (see :func:`swamp_loss`). The queues then hold the gathered global
+            batches (identical on every rank, ``queue_size`` counts global
+            rows), each rank feeding its share of them to the OT problem.
+            Recipe: keep this module inside the ``DistributedDataParallel``
+            wrapper with the encoders, so the prototypes' gradients are
+            averaged; in training mode it warns if its parameters differ
+            across the ranks (e.g. a module left outside DDP).
 
     Example:
         >>> import torch
@@ -217,8 +240,10 @@ class SwAMPLoss(nn.Module):
     def __init__(self, dim: int, n_prototypes: int = 3000, *, queue_size: int = 0, eps: Scalar = 0.05,
                  temperature: Scalar = 0.1, n_iters: int = 3, normalize: bool = True,
                  freeze_prototypes_steps: int = 0, renormalize_prototypes: bool = True,
-                 info_nce_weight: Scalar = 0.0, info_nce_temperature: Scalar = 0.07, backend: str = "auto"):
+                 info_nce_weight: Scalar = 0.0, info_nce_temperature: Scalar = 0.07, backend: str = "auto",
+                 process_group: Optional[Any] = None):
         super().__init__()
+        self.process_group = D.loss_group(process_group)
         self.dim = V.check_count(dim, "dim", 1)
         n_prototypes = V.check_count(n_prototypes, "n_prototypes", 1)
         self.queue_size = V.check_count(queue_size, "queue_size", 0)
@@ -243,7 +268,9 @@ class SwAMPLoss(nn.Module):
         for z, name in ((z_a, "z_a"), (z_b, "z_b")):
             V.check_matrix(z, name, cols=self.dim, cols_desc="D", like="this module's dim")
         prototypes: Tensor = self.prototypes
+        group = self.process_group
         if self.training:
+            D.warn_if_diverged(self, group)
             if self.renormalize_prototypes:
                 with torch.no_grad():
                     self.prototypes.copy_(F.normalize(self.prototypes, dim=1))
@@ -251,14 +278,17 @@ class SwAMPLoss(nn.Module):
                 prototypes = prototypes.detach()
             self.num_steps += 1
         use_queue = self.queue_size > 0 and int(self.queue_count) >= self.queue_size
+        # With a group the queues are the same on every rank: each rank contributes its share.
+        part = slice(None) if group is None else D.rank_slice(self.queue_size, group)
         out = swamp_loss(z_a, z_b, prototypes, eps=self.eps, temperature=self.temperature,
-                         n_iters=self.n_iters, queue_a=self.queue_a if use_queue else None,
-                         queue_b=self.queue_b if use_queue else None, normalize=self.normalize,
-                         backend=self.backend, return_details=return_details)
+                         n_iters=self.n_iters, queue_a=self.queue_a[part] if use_queue else None,
+                         queue_b=self.queue_b[part] if use_queue else None, normalize=self.normalize,
+                         backend=self.backend, process_group=group, return_details=return_details)
         if self.queue_size > 0 and self.training:
             self._push(z_a, z_b)
         if self.info_nce_weight > 0:
-            nce = info_nce_loss(z_a, z_b, temperature=self.info_nce_temperature, normalize=self.normalize)
+            nce = info_nce_loss(z_a, z_b, temperature=self.info_nce_temperature, normalize=self.normalize,
+                                process_group=group)
             if isinstance(out, tuple):
                 return out[0] + self.info_nce_weight * nce, out[1]
             return out + self.info_nce_weight * nce
@@ -274,7 +304,9 @@ class SwAMPLoss(nn.Module):
 
     @torch.no_grad()
     def _push(self, z_a: Tensor, z_b: Tensor) -> None:
-        """FIFO: newest rows last (the OT problem is ``[queue; batch]``)."""
+        """FIFO: newest rows last (the OT problem is ``[queue; batch]``); with a group, the global batch."""
+        if self.process_group is not None:
+            z_a, z_b = (D.gather_rows(z.detach(), self.process_group)[0] for z in (z_a, z_b))
         for queue, z in ((self.queue_a, z_a), (self.queue_b, z_b)):
             z = z.detach().to(queue.dtype)
             if self.normalize:

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .. import _distributed as D
 from .._backend import get_steps
 from ._numerics import in_cost_units
 from ._scaling import ScalingSteps
@@ -30,20 +31,21 @@ def unbatch(x, batched):
     return x if batched else x.squeeze(0)
 
 
-def make_steps(backend, grad, cost3, dtype, shift, forbidden, scaled=True):
+def make_steps(backend, grad, cost3, dtype, shift, forbidden, scaled=True, row_min=None):
     """Half-step namespace for a resolved backend and gradient mode.
 
     ``grad="unroll"`` keeps the plain differentiable reference steps; the torch
-    backend otherwise uses the cached-kernel fast path when ``scaled``.
+    backend otherwise uses the cached-kernel fast path when ``scaled``
+    (seeded from ``row_min`` when given).
     """
     if not isinstance(cost3, torch.Tensor):   # a cost kind (FeatureCost) brings its own reductions
         return cost3.steps(backend)
     if backend == "torch" and grad != "unroll" and scaled:
-        return ScalingSteps(cost3.detach(), dtype, shift, forbidden)
+        return ScalingSteps(cost3.detach(), dtype, shift, forbidden, row_min)
     return get_steps(backend)
 
 
-def cost_shift(stats, dtype, per_line, unroll=False):
+def cost_shift(stats, dtype, per_line, unroll=False, shard=D.LOCAL):
     """Offsets ``(r, s)`` that every step subtracts from the cost, or None.
 
     ``stats``: the lines' extreme allowed entries (``check_cost_values``).
@@ -61,18 +63,25 @@ def cost_shift(stats, dtype, per_line, unroll=False):
     ``r`` and ``s = None``. The offsets are constants of the solve (any give
     the same plan), detached except with ``unroll``, where a few iterations
     of some problems (the dummy partial) do depend on them.
+
+    ``shard``: for one rank's block of a cost split across a process group,
+    completes each extreme across the ranks, so every rank takes the whole
+    cost's offsets and the same decision.
     """
     row_min, row_max, col_min, col_max = (x if unroll else x.detach() for x in stats)
     row_min, row_max, col_min, col_max = (x.to(dtype) for x in (row_min, row_max, col_min, col_max))
+    row_min, row_max = shard.low(row_min, D.COLS), shard.peak(row_max, D.COLS)
+    col_min, col_max = shard.low(col_min, D.ROWS), shard.peak(col_max, D.ROWS)
 
     def finite(x, fill):
         return x.masked_fill(~torch.isfinite(x), fill)
 
-    lo, hi = finite(row_min, math.inf).amin(-1), finite(row_max, -math.inf).amax(-1)
+    lo = shard.low(finite(row_min, math.inf).amin(-1), D.ROWS)
+    hi = shard.peak(finite(row_max, -math.inf).amax(-1), D.ROWS)
     size = torch.maximum(lo.abs(), hi.abs())
     if per_line:
-        row_spread = finite(row_max - row_min, 0.0).amax(-1)
-        col_spread = finite(col_max - col_min, 0.0).amax(-1)
+        row_spread = shard.peak(finite(row_max - row_min, 0.0).amax(-1), D.ROWS)
+        col_spread = shard.peak(finite(col_max - col_min, 0.0).amax(-1), D.COLS)
         spread = torch.minimum(row_spread, col_spread)
     else:
         spread = finite(hi - lo, 0.0)

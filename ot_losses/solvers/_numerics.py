@@ -47,6 +47,8 @@ def weighted_exp(w, log_ratio):
 
 def lse(z, dim):
     """``logsumexp`` along ``dim``, ``-inf`` for an all ``-inf`` slice, with zero gradient there."""
+    if not (z.requires_grad and torch.is_grad_enabled()):
+        return torch.logsumexp(z, dim)  # same value; the guards below only matter for gradients
     m = z.detach().amax(dim=dim, keepdim=True)
     m = m.masked_fill(~torch.isfinite(m), 0.0)
     s = torch.exp(z - m).sum(dim)

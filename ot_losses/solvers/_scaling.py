@@ -41,8 +41,13 @@ class ScalingSteps:
     was built for); every other step is the reference's.
     """
 
-    def __init__(self, cost, dtype, shift=None, forbidden=False):
+    def __init__(self, cost, dtype, shift=None, forbidden=False, row_min=None):
         self._cost, self._dtype, self._shift = cost, dtype, shift
+        # Row minima seed the first kernel, exp((min_j C_ij - C_ij)/eps) <= 1, without a
+        # log-domain step: one exp pass for a short solve (SwAV's three iterations).
+        self._seed = None
+        if row_min is not None and shift is None:
+            self._seed = row_min.detach().to(dtype).masked_fill(~torch.isfinite(row_min), 0.0)
         # All-forbidden lines have an all-zero line of K: an output of 0 there is exact.
         allowed = torch.isfinite(cost) if forbidden else None
         self._dead_rows = None if allowed is None else ~allowed.any(-1)
@@ -69,12 +74,35 @@ class ScalingSteps:
         if self._K is None or eps != self._eps:
             return None
         w = torch.exp((h - anchor) / eps)
-        lo, hi = torch.stack(torch.aminmax(w)).tolist()  # one host sync
+        lo, hi = torch.stack([w.amin(), w.amax()]).tolist()  # one host sync
         if not hi <= self._w_max:  # also catches NaN
             return None
         if lo < self._w_min and torch.where(torch.isneginf(h), self._w_max, w).min() < self._w_min:
             return None
         return w, hi
+
+    def _seed_kernel(self, eps):
+        p, self._seed = self._seed, None
+        B, N, M = self._cost.shape
+        K = torch.sub(p.unsqueeze(-1), self._cost.to(self._dtype))  # forbidden: -inf, then 0
+        self._K = K.mul_(1.0 / eps).exp_()
+        self._p, self._q, self._eps = p, torch.zeros((B, M), dtype=self._dtype, device=p.device), eps
+
+    def plan(self, cost, f, g, eps, scale=None, shift=None):
+        """The reference ``plan``, computed as ``K_ij u_i v_j`` from the cached kernel when it can.
+
+        ``u = exp((f - p)/eps)``, ``v = exp((g - q)/eps)``; no exp pass over
+        the cost. Falls back to the reference when no kernel is cached for
+        ``eps`` or a scaling exceeds ``exp(tau)`` (a kernel entry that
+        underflowed could then matter).
+        """
+        if self._K is not None and eps == self._eps:
+            u, v = torch.exp((f - self._p) / eps), torch.exp((g - self._q) / eps)
+            if float(torch.maximum(u.amax(), v.amax())) <= self._w_max:  # one host sync; NaN fails
+                out = self._K * u.unsqueeze(-1)
+                out.mul_(v.unsqueeze(-2))
+                return out if scale is None else out.mul_(scale.to(out.dtype)[:, None, None])
+        return _torch_steps.plan(cost, f, g, eps, scale=scale, shift=shift)
 
     def _trusted(self, s, hi, n_terms, dead):
         """Whether every mat-vec output ``s`` is far enough above the underflow noise of the kernel."""
@@ -131,6 +159,8 @@ class ScalingSteps:
             return torch.bmm(x, y)
 
     def row_lse(self, cost, h, eps, shift=None):
+        if self._seed is not None:
+            self._seed_kernel(eps)
         off = self._offset(h, self._q, eps)
         if off is not None:
             w, hi = off
@@ -143,6 +173,8 @@ class ScalingSteps:
         return out
 
     def col_lse(self, cost, h, eps, shift=None):
+        if self._seed is not None:
+            self._seed_kernel(eps)
         off = self._offset(h, self._p, eps)
         if off is not None:
             w, hi = off

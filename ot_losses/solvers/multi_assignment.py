@@ -3,6 +3,7 @@ import math
 
 import torch
 
+from .. import _distributed as D
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import MultiAssignmentResult
@@ -25,16 +26,19 @@ class _MultiAssignmentProblem(Problem):
     and likewise for ``v`` with the column targets ``c_j = k N b_j``.
     """
 
-    def __init__(self, steps, cost, k, col_target, shift, start):
-        self.steps, self.cost, self.shift = steps, cost, shift
-        B, N, M = cost.shape
+    def __init__(self, steps, cost, k, col_target, shift, start, shard=D.LOCAL):
+        self.steps, self.cost, self.shift, self.shard = steps, cost, shift, shard
+        N, M = shard.size(cost, 1), shard.size(cost, 2)  # global sizes when the cost is split
         self.log_k, self.log_not_k = math.log(k), math.log(M - k)
         self.log_c, self.log_not_c = col_target.log(), (N - col_target).log()
         self.k = k
         self.u, self.v = start
+        self._next_rows = None  # (l1, l0) of the last check, valid until u or v changes
 
     def step(self, eps):
-        l1, l0 = self.steps.row_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift)
+        rows, self._next_rows = self._next_rows, None
+        l1, l0 = rows if rows is not None else self.steps.row_sigmoid_lse(self.cost, self.u, self.v, eps,
+                                                                          shift=self.shift)
         self.u = self.u + eps * (self.log_k - self.log_not_k) - l1 + l0
         c1, c0 = self.steps.col_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift)
         v = self.v + eps * (self.log_c - self.log_not_c) - c1 + c0
@@ -45,14 +49,16 @@ class _MultiAssignmentProblem(Problem):
 
     def error(self, eps):
         # The per-cell bound moves X after each update: neither side is exact, measure both.
-        l1, _ = self.steps.row_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift)
+        # The row pass is the next iteration's first: kept for it.
+        self._next_rows = self.steps.row_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift)
+        l1 = self._next_rows[0]
         c1, _ = self.steps.col_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift)
-        rows = (torch.exp(l1 / eps) - self.k).abs().sum(-1)
-        return rows + (torch.exp(c1 / eps) - self.log_c.exp()).abs().sum(-1)
+        rows = self.shard.sum((torch.exp(l1 / eps) - self.k).abs(), D.ROWS)
+        return rows + self.shard.sum((torch.exp(c1 / eps) - self.log_c.exp()).abs(), D.COLS)
 
 
 def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=None, grad="none",
-                              backend="auto"):
+                              backend="auto", process_group=None, shard_dim=None):
     """Capacitated multi-assignment: every row takes ``k`` units, each entry at most 1.
 
     Solves ``max_X -<X, C> + eps H_FD(X)`` subject to ``X 1 = k``,
@@ -75,6 +81,11 @@ def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=Non
         grad: ``"none"`` (targets, the usual use) or ``"unroll"`` (autograd
             through the iterations, torch backend only).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        process_group, shard_dim: data-parallel solve of a cost split across
+            the group's ranks on axis ``shard_dim`` (0 rows, 1 columns), as in
+            :func:`ot_losses.sinkhorn`; ``k`` and the column targets refer to
+            the global ``N``, ``M``; ``b`` is this rank's slice when columns
+            are split.
 
     Returns:
         MultiAssignmentResult with ``assignment`` (…, N, M), ``f`` (…, N),
@@ -88,32 +99,39 @@ def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=Non
         >>> torch.allclose(res.assignment.sum(1), torch.full((8,), 3.0, dtype=torch.float64))
         True
     """
-    cost3, batched = V.check_cost(cost)
-    N, M = cost3.shape[1:]
-    k = V.check_k(k, M)
-    eps = V.check_positive_scalar(eps, "eps")
-    n_iters = V.check_n_iters(n_iters)
-    tol = V.check_tol(tol)
-    V.check_choice(grad, "grad", _GRADS)
-    bw = V.check_marginal(b, "b", cost3, 2, batched)
-    name = resolve_backend(backend, cost3.device)
-    V.check_grad_backend(grad, name)
-    forbidden, stats = V.check_cost_values(cost3)
-    V.check_marginal_values(bw, "b")
-    if not torch.allclose(bw.sum(-1), torch.ones_like(bw[..., 0]), rtol=0, atol=1e-5):
-        raise ValueError(f"b must sum to 1 (column j receives k * N * b_j, rows k each); "
-                         f"got sum(b) = {bw.sum(-1).max().item():.8g}")
-    target = k * N * bw
-    if (target > N * (1 + 1e-6)).any():
-        raise ValueError(f"b must satisfy k * N * b_j <= N (each column holds at most N units); "
-                         f"got max k * N * b_j = {target.max().item():.6g} > N = {N}")
-    V.check_multi_feasible(cost3, k, target)
+    shard = D.shard_of(cost, process_group, shard_dim)
+    with shard.checks():  # with a group, an error on any rank is raised on every rank
+        cost3, batched = V.check_cost(cost)
+        N, M = shard.size(cost3, 1), shard.size(cost3, 2)  # global sizes when the cost is split
+        k = V.check_k(k, M)
+        eps = V.check_positive_scalar(eps, "eps")
+        n_iters = V.check_n_iters(n_iters)
+        tol = V.check_tol(tol)
+        V.check_choice(grad, "grad", _GRADS)
+        V.check_grad_group(grad, process_group)
+        bw = shard.marginal(b, "b", cost3, 2, batched)
+        name = resolve_backend(backend, cost3.device)
+        V.check_grad_backend(grad, name)
+        forbidden, stats = V.check_cost_values(cost3)
+    mb = shard.sum(bw, D.COLS)
+    with shard.checks():
+        if b is not None:  # uniform weights built here need no check
+            V.check_marginal_values(bw, "b", mb)
+        if not torch.allclose(mb, torch.ones_like(mb), rtol=0, atol=1e-5):
+            raise ValueError(f"b must sum to 1 (column j receives k * N * b_j, rows k each); "
+                             f"got sum(b) = {mb.max().item():.8g}")
+        target = k * N * bw
+        if (target > N * (1 + 1e-6)).any():
+            raise ValueError(f"b must satisfy k * N * b_j <= N (each column holds at most N units); "
+                             f"got max k * N * b_j = {target.max().item():.6g} > N = {N}")
+    with shard.checks():
+        V.check_multi_feasible(cost3, k, target, complete=shard.total, offsets=shard.offsets)
 
     dtype = V.compute_dtype(cost3)
     # Row and column sums are fixed, so constants added to rows or columns do not change X.
     unroll = grad == "unroll"
-    shift = cost_shift(stats, dtype, per_line=True, unroll=unroll)
-    steps = make_steps(name, grad, cost3, dtype, shift, forbidden, scaled=False)
+    shift = cost_shift(stats, dtype, per_line=True, unroll=unroll, shard=shard)
+    steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden, scaled=False))
     loop_cost = cost3 if unroll else cost3.detach()
     # 0 in the cost's own units, so that the first iterates are the textbook ones.
     start = start_potentials(None, shift, cost3.shape, dtype, cost3.device)
@@ -123,7 +141,7 @@ def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=Non
         loop_cost, step_shift = shifted_cost(loop_cost, dtype, shift), None
     with torch.set_grad_enabled(unroll):
         problem = _MultiAssignmentProblem(steps, loop_cost, k, target.clamp(max=N) if unroll
-                                          else target.detach().clamp(max=N), step_shift, start)
+                                          else target.detach().clamp(max=N), step_shift, start, shard)
         iters, err = run_loop(problem, eps, n_iters, tol, [], "multi_assignment_sinkhorn")
         assignment = torch.sigmoid(steps.log_plan(loop_cost, problem.u, problem.v, eps, shift=step_shift))
     conv = converged(err, tol, k * N)

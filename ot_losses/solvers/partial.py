@@ -1,6 +1,7 @@
 """Entropic partial optimal transport: Bregman projections or the dummy-point formulation."""
 import torch
 
+from .. import _distributed as D
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import PartialOTResult
@@ -10,10 +11,6 @@ from ._numerics import in_cost_units, no_mass, weighted_exp
 from .sinkhorn import _dot
 
 METHODS = ("bregman", "dummy")
-
-
-def _lse(x, dim=-1):
-    return torch.logsumexp(x, dim=dim)
 
 
 def _constant(shift):
@@ -32,9 +29,9 @@ class _BregmanProblem(Problem):
     absorbs: ``t`` here is ``t - c``.
     """
 
-    def __init__(self, steps, cost, log_a, log_b, log_mass, eps, shift):
+    def __init__(self, steps, cost, log_a, log_b, log_mass, eps, shift, shard=D.LOCAL):
         self.steps, self.cost, self.log_a, self.log_b, self.log_mass = steps, cost, log_a, log_b, log_mass
-        self.shift = shift
+        self.shift, self.shard = shift, shard
         B, N, M = cost.shape
         self.f = cost.new_zeros((B, N), dtype=log_a.dtype)
         self.g = cost.new_zeros((B, M), dtype=log_a.dtype)
@@ -42,7 +39,7 @@ class _BregmanProblem(Problem):
         self._old = None
 
     def _mass_multiplier(self, lc, eps):
-        return eps * self.log_mass - eps * _lse(no_mass((self.g + lc) / eps))
+        return eps * self.log_mass - eps * self.shard.lse(no_mass((self.g + lc) / eps), D.COLS)
 
     def step(self, eps):
         zero = torch.zeros((), dtype=self.f.dtype, device=self.f.device)
@@ -59,7 +56,8 @@ class _BregmanProblem(Problem):
 
     def error(self, eps):
         f0, g0, t0 = self._old
-        return torch.stack([max_change(self.f, f0), max_change(self.g, g0), (self.t - t0).abs()]).amax(0)
+        return torch.stack([self.shard.peak(max_change(self.f, f0), D.ROWS),
+                            self.shard.peak(max_change(self.g, g0), D.COLS), (self.t - t0).abs()]).amax(0)
 
     def plan_potentials(self, eps):
         return self.f + self.t.unsqueeze(-1), self.g
@@ -70,14 +68,15 @@ class _BregmanProblem(Problem):
         return in_cost_units(fp, gp, self.shift)
 
     def terms(self, eps):
-        steps, shift = self.steps, self.shift
+        steps, shift, shard = self.steps, self.shift, self.shard
         fp, gp = self.plan_potentials(eps)
 
         def terms(cost, a, b):
             r = torch.exp(no_mass((fp + steps.row_lse(cost, gp, eps, shift=shift)) / eps))
             c = torch.exp(no_mass((gp + steps.col_lse(cost, fp, eps, shift=shift)) / eps))
             # eps log P = f + g + t - C: the constant taken out of C comes back once per unit of mass.
-            value = _dot(r, fp) + _dot(c, gp) + (_constant(shift) - eps) * r.sum(-1)
+            value = (shard.total(_dot(r, fp), D.ROWS) + shard.total(_dot(c, gp), D.COLS)
+                     + (_constant(shift) - eps) * shard.sum(r, D.ROWS))
             return value, None, None, fp, gp
         return terms
 
@@ -95,8 +94,8 @@ class _DummyProblem(Problem):
     for the dummy terms.
     """
 
-    def __init__(self, steps, cost, log_a, log_b, log_ad, log_bd, shift):
-        self.steps, self.cost, self.shift = steps, cost, shift
+    def __init__(self, steps, cost, log_a, log_b, log_ad, log_bd, shift, shard=D.LOCAL):
+        self.steps, self.cost, self.shift, self.shard = steps, cost, shift, shard
         self.log_a, self.log_b, self.log_ad, self.log_bd = log_a, log_b, log_ad, log_bd
         B, N, M = cost.shape
         self.f = cost.new_zeros((B, N), dtype=log_a.dtype)
@@ -104,19 +103,22 @@ class _DummyProblem(Problem):
         self.fd = cost.new_zeros((B,), dtype=log_a.dtype)  # dummy-row potential
         self.gd = cost.new_zeros((B,), dtype=log_a.dtype)  # dummy-column potential
 
-    def _soft(self, lse_block, h, hd, eps):
-        """eps-log-sum-exp over one side's real block (given) and dummy terms: real and dummy outputs."""
+    def _soft(self, lse_block, h, hd, eps, side):
+        """eps-log-sum-exp over one side's real block (given) and dummy terms: real and dummy outputs.
+
+        ``side``: the side ``h`` lives on (its sum may span the ranks).
+        """
         real = eps * torch.logaddexp(lse_block / eps, hd.unsqueeze(-1) / eps)
-        dummy = eps * _lse(h / eps)  # the corner is forbidden: only real partners
+        dummy = eps * self.shard.lse(h / eps, side)  # the corner is forbidden: only real partners
         return real, dummy
 
     def _rows(self, eps):
         h, hd = fold(self.g, self.log_b, eps), fold(self.gd, self.log_bd, eps)
-        return self._soft(self.steps.row_lse(self.cost, h, eps, shift=self.shift), h, hd, eps)
+        return self._soft(self.steps.row_lse(self.cost, h, eps, shift=self.shift), h, hd, eps, D.COLS)
 
     def _cols(self, eps):
         h, hd = fold(self.f, self.log_a, eps), fold(self.fd, self.log_ad, eps)
-        return self._soft(self.steps.col_lse(self.cost, h, eps, shift=self.shift), h, hd, eps)
+        return self._soft(self.steps.col_lse(self.cost, h, eps, shift=self.shift), h, hd, eps, D.ROWS)
 
     def step(self, eps):
         lr, lrd = self._rows(eps)
@@ -128,7 +130,7 @@ class _DummyProblem(Problem):
         lr, lrd = self._rows(eps)
         r = torch.exp(no_mass(fold(self.f + lr, self.log_a, eps) / eps))
         rd = torch.exp(no_mass(fold(self.fd + lrd, self.log_ad, eps) / eps))
-        return (r - self.log_a.exp()).abs().sum(-1) + (rd - self.log_ad.exp()).abs()
+        return self.shard.sum((r - self.log_a.exp()).abs(), D.ROWS) + (rd - self.log_ad.exp()).abs()
 
     def plan_potentials(self, eps):
         return fold(self.f, self.log_a, eps), fold(self.g, self.log_b, eps)
@@ -138,7 +140,7 @@ class _DummyProblem(Problem):
         return in_cost_units(self.f, self.g, self.shift)
 
     def terms(self, eps):
-        f, g, fd, gd, shift = self.f, self.g, self.fd, self.gd, self.shift
+        f, g, fd, gd, shift, shard = self.f, self.g, self.fd, self.gd, self.shift, self.shard
 
         def terms(cost, a, b):
             lr, lrd = self._rows(eps)
@@ -146,18 +148,19 @@ class _DummyProblem(Problem):
             ad, bd = self.log_ad.exp(), self.log_bd.exp()
             r, rd = weighted_exp(a, no_mass((f + lr) / eps)), weighted_exp(ad, (fd + lrd) / eps)
             c, cd = weighted_exp(b, no_mass((g + lc) / eps)), weighted_exp(bd, (gd + lcd) / eps)
-            m_ext = a.sum(-1) + ad
+            m_ext = shard.sum(a, D.ROWS) + ad
             dummies, dummy_pots = torch.stack([rd, cd], -1), torch.stack([fd, gd], -1)
             real_mass = m_ext - ad - bd
-            value = (_dot(r, f) + _dot(c, g) + _dot(dummies, dummy_pots)
-                     - eps * (r.sum(-1) + rd - m_ext ** 2) + _constant(shift) * real_mass)
+            value = (shard.total(_dot(r, f), D.ROWS) + shard.total(_dot(c, g), D.COLS)
+                     + _dot(dummies, dummy_pots) - eps * (shard.sum(r, D.ROWS) + rd - m_ext ** 2)
+                     + _constant(shift) * real_mass)
             fp, gp = self.plan_potentials(eps)
             return value, None, None, fp, gp
         return terms
 
 
 def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, method="bregman",
-               dummy_cost=None, grad="envelope", backend="auto"):
+               dummy_cost=None, grad="envelope", backend="auto", process_group=None, shard_dim=None):
     """Entropic partial optimal transport: move only ``mass`` from ``a`` to ``b``.
 
     Finds a plan ``P >= 0`` with ``P 1 <= a``, ``P^T 1 <= b`` and total mass
@@ -196,6 +199,10 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
             ``100 * max C`` passes its gradient to the largest cost entry.
         grad: ``"envelope"`` (d value / d cost = plan), ``"unroll"`` or ``"none"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        process_group, shard_dim: data-parallel solve of a cost split across
+            the group's ranks on axis ``shard_dim`` (0 rows, 1 columns), as in
+            :func:`ot_losses.sinkhorn`; ``mass``, ``value``, ``transport_cost``,
+            ``marginal_error`` are global (and collective to access).
 
     Returns:
         PartialOTResult with ``plan``/``log_plan`` (…, N, M), ``mass``,
@@ -210,73 +217,83 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
         >>> round(float(res.mass), 6), bool((res.plan.sum(1) <= 1 / 6 + 1e-9).all())
         (0.5, True)
     """
-    cost3, batched = V.check_cost(cost)
-    eps = V.check_positive_scalar(eps, "eps")
-    n_iters = V.check_n_iters(n_iters)
-    tol = V.check_tol(tol)
-    V.check_choice(method, "method", METHODS)
-    V.check_choice(grad, "grad", GRADS)
-    aw = V.check_marginal(a, "a", cost3, 1, batched)
-    bw = V.check_marginal(b, "b", cost3, 2, batched)
-    if dummy_cost is not None:
-        dummy_cost = V.check_positive_scalar(dummy_cost, "dummy_cost")
-    name = resolve_backend(backend, cost3.device)
-    V.check_grad_backend(grad, name)
-    forbidden, stats = V.check_cost_values(cost3)
-    V.check_marginal_values(aw, "a")
-    V.check_marginal_values(bw, "b")
-    m = V.check_mass(mass, aw, bw)
-    if forbidden:
-        V.check_feasible(cost3, aw, bw, balanced=False)
-        V.check_partial_feasible(cost3, aw, bw, m)
+    shard = D.shard_of(cost, process_group, shard_dim)
+    with shard.checks():  # with a group, an error on any rank is raised on every rank
+        cost3, batched = V.check_cost(cost)
+        eps = V.check_positive_scalar(eps, "eps")
+        n_iters = V.check_n_iters(n_iters)
+        tol = V.check_tol(tol)
+        V.check_choice(method, "method", METHODS)
+        V.check_choice(grad, "grad", GRADS)
+        V.check_grad_group(grad, process_group)
+        aw = shard.marginal(a, "a", cost3, 1, batched)
+        bw = shard.marginal(b, "b", cost3, 2, batched)
+        if dummy_cost is not None:
+            dummy_cost = V.check_positive_scalar(dummy_cost, "dummy_cost")
+        name = resolve_backend(backend, cost3.device)
+        V.check_grad_backend(grad, name)
+        forbidden, stats = V.check_cost_values(cost3)
+    ma, mb = shard.totals(aw, bw, check=(a is not None, b is not None))  # uniform weights need no check
+    with shard.checks():
+        m = V.check_mass(mass, ma.unsqueeze(-1), mb.unsqueeze(-1))  # totals as one-entry marginals
+    if shard.any(forbidden):
+        with shard.checks():
+            V.check_feasible(cost3, aw, bw, balanced=False, complete=shard.total, offsets=shard.offsets)
+        with shard.checks():
+            V.check_partial_feasible(cost3, aw, bw, m, complete=shard.total)
 
     dtype = V.compute_dtype(cost3)
     # A fixed transported mass makes the plan invariant to a constant added to the cost (not to
     # row or column offsets: the marginals are only bounds).
-    shift = cost_shift(stats, dtype, per_line=False, unroll=grad == "unroll")
-    steps = make_steps(name, grad, cost3, dtype, shift, forbidden)
+    shift = cost_shift(stats, dtype, per_line=False, unroll=grad == "unroll", shard=shard)
+    steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden, row_min=stats[0]))
     unroll = grad == "unroll"
     loop_cost = cost3 if unroll else cost3.detach()
     la, lb = (aw, bw) if unroll else (aw.detach(), bw.detach())
     with torch.set_grad_enabled(unroll):
         if method == "bregman":
-            problem = _BregmanProblem(steps, loop_cost, la.log(), lb.log(), m.log(), eps, shift)
+            problem = _BregmanProblem(steps, loop_cost, la.log(), lb.log(), m.log(), eps, shift, shard)
         else:
-            problem = _DummyProblem(steps, loop_cost, la.log(), lb.log(), (lb.sum(-1) - m).log(),
-                                    (la.sum(-1) - m).log(), shift)
+            ta, tb = (ma, mb) if unroll else (ma.detach(), mb.detach())
+            problem = _DummyProblem(steps, loop_cost, la.log(), lb.log(), (tb - m).log(), (ta - m).log(),
+                                    shift, shard)
         iters, err = run_loop(problem, eps, n_iters, tol, [], "partial_ot")
     fp, gp = problem.plan_potentials(eps)
     f, g = problem.potentials(eps)
     if method == "bregman":
         scale = torch.full_like(err, eps)
     else:
-        scale = (aw.sum(-1) + bw.sum(-1) - m).detach()
+        scale = (ma + mb - m).detach()
     conv = converged(err, tol, scale)
     value = value_of(grad, cost3, aw, bw, problem.terms(eps), steps, eps, shift)
     if method == "dummy":
-        value = _with_dummy_cost(value, cost3, aw, bw, m, dummy_cost, grad)
+        value = _with_dummy_cost(value, cost3, ma, mb, m, dummy_cost, grad, shard)
     return PartialOTResult(
         f=unbatch(f, batched), g=unbatch(g, batched), n_iters=iters,
         marginal_error=unbatch(err, batched), converged=unbatch(conv, batched),
         _cost=loop_cost, _fp=fp, _gp=gp, _eps=eps, _batched=batched,
-        _steps=steps, _differentiable=unroll, _value_fn=value, _shift=shift)
+        _steps=steps, _differentiable=unroll, _value_fn=value, _shift=shift, _shard=shard)
 
 
-def _with_dummy_cost(value_fn, cost3, a, b, m, dummy_cost, grad):
-    """``value`` plus the real-to-dummy transport ``xi (sum a + sum b - 2 mass)``.
+def _with_dummy_cost(value_fn, cost3, ma, mb, m, dummy_cost, grad, shard):
+    """``value`` plus the real-to-dummy transport ``xi (sum a + sum b - 2 mass)`` (``ma``, ``mb`` the sums).
 
     ``xi = dummy_cost``, or ``100 * max C`` computed with autograd so that
-    its gradient reaches the largest entry (none with ``grad="none"``).
+    its gradient reaches the largest entry (none with ``grad="none"``; with a
+    group, the entry on whichever rank holds it).
     """
 
     def value():
         with torch.set_grad_enabled(grad != "none" and torch.is_grad_enabled()):
             if dummy_cost is not None:
-                xi = torch.full((cost3.shape[0],), dummy_cost, dtype=a.dtype, device=a.device)
+                xi = torch.full((cost3.shape[0],), dummy_cost, dtype=ma.dtype, device=ma.device)
             elif not isinstance(cost3, torch.Tensor):  # FeatureCost: streamed, differentiable
-                xi = 100 * cost3.max_cost().to(a.dtype)
+                xi = 100 * cost3.max_cost().to(ma.dtype)
             else:
                 finite = cost3.masked_fill(~torch.isfinite(cost3), float("-inf"))
-                xi = 100 * finite.amax(dim=(-2, -1)).to(a.dtype)
-            return value_fn() + xi * (a.sum(-1) + b.sum(-1) - 2 * m)
+                local = finite.amax(dim=(-2, -1)).to(ma.dtype)
+                top = shard.peak_all(local.detach())
+                # Only the rank holding the maximum keeps the autograd path to it.
+                xi = 100 * torch.where(local == top, local, top)
+            return value_fn() + xi * (ma + mb - 2 * m)
     return value

@@ -3,6 +3,7 @@ import math
 
 import torch
 
+from .. import _distributed as D
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import SinkhornResult
@@ -29,9 +30,9 @@ class _SinkhornProblem(Problem):
     small-problem kernel).
     """
 
-    def __init__(self, steps, cost, log_a, log_b, f, g, rho, shift, fused=None):
+    def __init__(self, steps, cost, log_a, log_b, f, g, rho, shift, fused=None, shard=D.LOCAL):
         self.steps, self.cost, self.log_a, self.log_b = steps, cost, log_a, log_b
-        self.f, self.g, self.rho, self.shift, self.fused = f, g, rho, shift, fused
+        self.f, self.g, self.rho, self.shift, self.fused, self.shard = f, g, rho, shift, fused, shard
         self._old = None
         self._next_row = None  # the row pass of the last check, valid until g changes
 
@@ -64,13 +65,14 @@ class _SinkhornProblem(Problem):
 
     def error(self, eps):
         if self.rho is not None:  # the optimum does not meet the marginals: report the potential change
-            return torch.maximum(max_change(self.f, self._old[0]), max_change(self.g, self._old[1]))
+            return torch.maximum(self.shard.peak(max_change(self.f, self._old[0]), D.ROWS),
+                                 self.shard.peak(max_change(self.g, self._old[1]), D.COLS))
         # Columns are exact after the column update; rows: r_i = a_i exp((f_i + L_i)/eps), with L
         # the next iteration's row pass (kept for it). Zero-mass rows count 0.
         lr = self._row_pass(eps)
         self._next_row = lr
         r = torch.exp(no_mass(fold(self.f + lr, self.log_a, eps) / eps))
-        return (r - self.log_a.exp()).abs().sum(-1)
+        return self.shard.sum((r - self.log_a.exp()).abs(), D.ROWS)
 
 
 def _kl(r, log_ratio, w):
@@ -83,7 +85,7 @@ def _dot(x, pot):
     return torch.where(x > 0, x * pot, torch.zeros_like(x)).sum(-1)
 
 
-def _value_terms(steps, eps, rho, f, g, shift):
+def _value_terms(steps, eps, rho, f, g, shift, shard=D.LOCAL):
     """Closure evaluating the objective at shifted potentials ``(f, g)`` for :class:`EnvelopeValue`.
 
     With ``r, c`` the plan's row and column sums, ``value = <r, f> + <c, g> -
@@ -91,7 +93,8 @@ def _value_terms(steps, eps, rho, f, g, shift):
     (``f = f~ + r_off``). Its derivative in ``a_i`` is the dual potential
     minus the entropic term: ``f_i`` (balanced side) or
     ``rho (1 - exp(-f_i / rho))`` (KL side), which is finite even where
-    ``f_i = +inf`` (a line with nothing to reach).
+    ``f_i = +inf`` (a line with nothing to reach). Sums over a side go
+    through ``shard`` (complete across the ranks when that side is split).
     """
 
     def terms(cost, a, b):
@@ -101,14 +104,15 @@ def _value_terms(steps, eps, rho, f, g, shift):
         lc = steps.col_lse(cost, fp, eps, shift=shift)
         log_rr, log_cr = no_mass((f + lr) / eps), no_mass((g + lc) / eps)  # log(r / a), log(c / b)
         r, c = weighted_exp(a, log_rr), weighted_exp(b, log_cr)
-        ma, mb = a.sum(-1), b.sum(-1)
+        ma, mb = shard.sum(a, D.ROWS), shard.sum(b, D.COLS)
         fo, go = in_cost_units(f, g, shift)
-        value = _dot(r, fo) + _dot(c, go) - eps * (r.sum(-1) - ma * mb)
+        value = (shard.total(_dot(r, fo), D.ROWS) + shard.total(_dot(c, go), D.COLS)
+                 - eps * (shard.sum(r, D.ROWS) - ma * mb))
         duals = [fo, go]
         if rho is not None:
             for i, (rh, w, x, lx) in enumerate(((rho[0], a, r, log_rr), (rho[1], b, c, log_cr))):
                 if not math.isinf(rh):
-                    value = value + rh * _kl(x, lx, w)
+                    value = value + rh * shard.total(_kl(x, lx, w), (D.ROWS, D.COLS)[i])
                     # d/da of -rho <a, exp(-f/rho) - 1> replaces the balanced f term.
                     duals[i] = rh * (1 - torch.exp(-duals[i] / rh))
         da = duals[0] - eps * (log_rr.exp() - mb.unsqueeze(-1))
@@ -119,7 +123,7 @@ def _value_terms(steps, eps, rho, f, g, shift):
 
 
 def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=None, init=None,
-             eps_schedule=None, grad="envelope", backend="auto"):
+             eps_schedule=None, grad="envelope", backend="auto", process_group=None, shard_dim=None):
     """Entropic optimal transport between ``a`` and ``b`` for ``cost``, in the log domain.
 
     Solves ``min_P <P, C> + eps KL(P || a b^T)`` subject to ``P 1 = a``,
@@ -161,6 +165,18 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
             loop), ``"unroll"`` (autograd through the iterations, torch only)
             or ``"none"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        process_group: a ``torch.distributed`` group whose ranks each hold a
+            block of the global cost (None: one process). Only partial
+            log-sum-exps of the unsplit side's size are all-reduced per
+            half-step; the result is the one-process result on the whole
+            cost restricted to this rank's block (``f``, ``plan`` local when
+            rows are split; ``g``, ``value``, ``marginal_error``,
+            ``converged``, ``n_iters`` global). ``value`` and
+            ``transport_cost`` are then collective: access them on every rank.
+        shard_dim: with ``process_group``, the split axis of the global
+            cost: 0 (or -2) rows, 1 (or -1) columns; the split side's
+            marginal is this rank's slice (None = uniform over the global
+            size), the other marginal the whole one.
 
     Returns:
         SinkhornResult with ``f`` (…, N), ``g`` (…, M), lazy ``plan`` /
@@ -183,32 +199,37 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
     References: Cuturi (2013); Schmitzer (2019) for the stabilised scaling;
     Chizat et al. (2018) and Sejourne et al. (2019) for the unbalanced updates.
     """
-    cost3, batched = V.check_cost(cost)
-    eps = V.check_positive_scalar(eps, "eps")
-    n_iters = V.check_n_iters(n_iters)
-    tol = V.check_tol(tol)
-    rho = V.check_reach(reach)
-    schedule = V.check_eps_schedule(eps_schedule, eps)
-    V.check_choice(grad, "grad", GRADS)
-    aw = V.check_marginal(a, "a", cost3, 1, batched)
-    bw = V.check_marginal(b, "b", cost3, 2, batched)
-    init = V.check_init(init, cost3, batched)
-    name = resolve_backend(backend, cost3.device)
-    V.check_grad_backend(grad, name)
-    forbidden, stats = V.check_cost_values(cost3)
-    V.check_marginal_values(aw, "a")
-    V.check_marginal_values(bw, "b")
+    shard = D.shard_of(cost, process_group, shard_dim)
+    with shard.checks():  # with a group, an error on any rank is raised on every rank
+        cost3, batched = V.check_cost(cost)
+        eps = V.check_positive_scalar(eps, "eps")
+        n_iters = V.check_n_iters(n_iters)
+        tol = V.check_tol(tol)
+        rho = V.check_reach(reach)
+        schedule = V.check_eps_schedule(eps_schedule, eps)
+        V.check_choice(grad, "grad", GRADS)
+        V.check_grad_group(grad, process_group)
+        aw = shard.marginal(a, "a", cost3, 1, batched)
+        bw = shard.marginal(b, "b", cost3, 2, batched)
+        init = V.check_init(init, cost3, batched)
+        name = resolve_backend(backend, cost3.device)
+        V.check_grad_backend(grad, name)
+        forbidden, stats = V.check_cost_values(cost3)
+    ma, mb = shard.totals(aw, bw, check=(a is not None, b is not None))  # uniform weights need no check
     if rho is None or all(math.isinf(r) for r in rho):
         rho = None
-        V.check_equal_mass(aw, bw)
-    if forbidden:
-        V.check_feasible(cost3, aw, bw, balanced=rho is None)
+        if a is not None or b is not None:
+            with shard.checks():
+                V.check_equal_mass(ma.unsqueeze(-1), mb.unsqueeze(-1))  # totals as one-entry marginals
+    if shard.any(forbidden):
+        with shard.checks():
+            V.check_feasible(cost3, aw, bw, balanced=rho is None, complete=shard.total, offsets=shard.offsets)
 
     dtype = V.compute_dtype(cost3)
     # Balanced plans do not change when a constant is added to a row or a column; unbalanced ones
     # do, so only one constant per problem is taken out there.
-    shift = cost_shift(stats, dtype, per_line=rho is None, unroll=grad == "unroll")
-    steps = make_steps(name, grad, cost3, dtype, shift, forbidden)
+    shift = cost_shift(stats, dtype, per_line=rho is None, unroll=grad == "unroll", shard=shard)
+    steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden, row_min=stats[0]))
     B, N, M = cost3.shape
     f, g = start_potentials(init, shift, cost3.shape, dtype, cost3.device)
     unroll = grad == "unroll"
@@ -218,15 +239,15 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=Non
         fused = None
         if name == "triton" and rho is None and steps.balanced_small_supported(N, M, dtype):
             fused = steps.balanced_small  # all iterations between checks in one launch
-        problem = _SinkhornProblem(steps, loop_cost, log_a, log_b, f, g, rho, shift, fused)
+        problem = _SinkhornProblem(steps, loop_cost, log_a, log_b, f, g, rho, shift, fused, shard)
         iters, err = run_loop(problem, eps, n_iters, tol, schedule, "sinkhorn")
     f, g = problem.f, problem.g  # outside "unroll" the loop ran without grad: already detached
-    scale = aw.sum(-1).detach() if rho is None else torch.full_like(err, eps)
+    scale = ma.detach() if rho is None else torch.full_like(err, eps)
     fo, go = in_cost_units(f, g, shift)
     return SinkhornResult(
         f=unbatch(fo, batched), g=unbatch(go, batched), n_iters=iters,
         marginal_error=unbatch(err, batched), converged=unbatch(converged(err, tol, scale), batched),
         _cost=loop_cost, _fp=fold(f, log_a, eps), _gp=fold(g, log_b, eps), _eps=eps,
         _batched=batched, _steps=steps, _differentiable=unroll, _shift=shift,
-        _value_fn=value_of(grad, cost3, aw, bw, _value_terms(steps, eps, rho, f, g, shift), steps, eps,
+        _value_fn=value_of(grad, cost3, aw, bw, _value_terms(steps, eps, rho, f, g, shift, shard), steps, eps,
                            shift))
