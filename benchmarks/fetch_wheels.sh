@@ -5,7 +5,7 @@
 # Usage (from the repository root):
 #   bash benchmarks/fetch_wheels.sh [--dest DIR] [--python X.Y] [--arch x86_64|aarch64] [--glibc 2.N]
 #                                   [--no-deps] [PKG ...]
-#     --dest     where the wheels go (default: $OT_LOSSES_WHEELS or wheels/, which git ignores)
+#     --dest     where the wheels go (default: $OT_LOSSES_WHEELS, else the checkout's wheels/, git-ignored)
 #     --python   the GPU machine's `python3 --version`, major.minor (default: this python3's)
 #     --arch     the GPU machine's `uname -m` (default x86_64)
 #     --glibc    the newest manylinux (glibc) tag to accept (default 2.28; `ldd --version` there)
@@ -18,8 +18,9 @@
 # own CUDA build of those, and pip would otherwise fetch gigabytes of another one.
 set -euo pipefail
 
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
-dest=${OT_LOSSES_WHEELS:-wheels}
+dest=${OT_LOSSES_WHEELS:-$ROOT/wheels}
 pyver=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 arch=x86_64
 glibc=2.28

@@ -28,24 +28,27 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
+# Paths given by the caller are relative to where it stands; the defaults to the repository root.
+absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 PY=${PYTHON:-python3}
 dry_run=${GPU_CHECK_DRY_RUN:-0}
 [ "$dry_run" = 0 ] || [ "$dry_run" = 1 ] || dry_run=1
-wheels=${OT_LOSSES_WHEELS:-wheels}
+wheels=$(absolute "${OT_LOSSES_WHEELS:-$ROOT/wheels}")
 out=""
 budget=${GPU_CHECK_BUDGET:-480}
 workers=${GPU_CHECK_TEST_WORKERS:-8}
 while [ $# -gt 0 ]; do
   case $1 in
     --dry-run) dry_run=1; shift ;;
-    --wheels) wheels=$2; shift 2 ;;
-    --out) out=$2; shift 2 ;;
+    --wheels) wheels=$(absolute "$2"); shift 2 ;;
+    --out) out=$(absolute "$2"); shift 2 ;;
     --budget) budget=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+[[ $budget =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: the budget must be whole seconds, got $budget" >&2; exit 2; }
+cd "$ROOT"
 SECONDS=0
 # Compiled Triton kernels, not the interpreter (tests/conftest.py keeps an explicit 0); the checkout
 # itself is what the tests and the benchmark import, installed or not.
