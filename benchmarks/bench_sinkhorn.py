@@ -28,7 +28,13 @@ the layered Multi-SK) may run fewer iterations on CPU (marked ``*``; their
 time per iteration is what compares, their agreement is checked against a
 reference of the same length). Results go to the terminal (rich if
 installed) and to ``<out>/<device>-<date>.{json,md,png}`` (``-quick`` added
-for ``--quick`` runs).
+for ``--quick`` runs, ``-check`` for ``--check`` runs).
+
+``--check`` is the short GPU suite that ``benchmarks/gpu_check.sh`` runs
+(``otbench.scenarios.CHECK_SUITE``: dense 4096-16384 fp32, bf16 8192, SwAV
+shapes, batched 64 x 256^2, unbalanced, partial, multi) with shorter timing;
+``--time-budget`` stops starting new problems after that many seconds and
+lists the problems left out in the report.
 
 Examples::
 
@@ -36,6 +42,7 @@ Examples::
     python benchmarks/bench_sinkhorn.py --quick --out /tmp/b  # smoke run (~10 s)
     python benchmarks/bench_sinkhorn.py --scenario dense --sizes 1000,2000x4000 \\
         --dtype f32 --iters 50
+    python benchmarks/bench_sinkhorn.py --check --time-budget 300  # short GPU suite
     python benchmarks/bench_sinkhorn.py --list                # scenarios, contenders
 """
 
@@ -57,7 +64,7 @@ from otbench.env import DEFAULT_OUT, HAS_CUDA, HAS_MPL, HAS_RICH  # noqa: E402  
 from otbench.report import (NOTES, SCENARIO_ITERS, headline, metadata, plot, print_table,  # noqa: E402
                             write_markdown)
 from otbench.runner import run_problem  # noqa: E402
-from otbench.scenarios import DTYPES, SCENARIOS, make_problem, parse_size  # noqa: E402
+from otbench.scenarios import CHECK_SUITE, DTYPES, SCENARIOS, make_problem, parse_size  # noqa: E402
 from otbench.timing import TimingConfig, copy_bandwidth  # noqa: E402
 
 
@@ -67,19 +74,27 @@ from otbench.timing import TimingConfig, copy_bandwidth  # noqa: E402
 
 def build_plan(args, device):
     cuda = device.type == "cuda"
-    names = [s.strip() for s in (args.scenario or ",".join(SCENARIOS)).split(",") if s.strip()]
+    check = {name: (sizes, dtypes) for name, sizes, dtypes in CHECK_SUITE}
+    default = ",".join(check if args.check else SCENARIOS)
+    names = [s.strip() for s in (args.scenario or default).split(",") if s.strip()]
     for n in names:
         if n not in SCENARIOS:
             raise SystemExit(f"--scenario: unknown {n!r}; choose from {', '.join(SCENARIOS)}")
     plan = []
     for n in names:
         sc = SCENARIOS[n]
+        if args.check and n in check:
+            suite_sizes, suite_dtypes = check[n]
+        elif cuda or args.check:
+            suite_sizes, suite_dtypes = sc.gpu_sizes, sc.gpu_dtypes
+        else:
+            suite_sizes, suite_dtypes = sc.cpu_sizes, sc.cpu_dtypes
         if args.sizes:
             sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
         elif args.quick:
             sizes = list(sc.quick_sizes)
         else:
-            sizes = list(sc.gpu_sizes if cuda else sc.cpu_sizes)
+            sizes = list(suite_sizes)
         if args.dtype:
             dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
             for d in dtypes:
@@ -88,7 +103,7 @@ def build_plan(args, device):
         elif args.quick:
             dtypes = list(sc.quick_dtypes)
         else:
-            dtypes = list(sc.gpu_dtypes if cuda else sc.cpu_dtypes)
+            dtypes = list(suite_dtypes)
         for s in sizes:
             try:
                 parse_size(s)
@@ -104,6 +119,11 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="tiny sizes, at most 10 iterations, 2 repeats (smoke test, a few seconds)")
+    ap.add_argument("--check", action="store_true",
+                    help="the short GPU suite of benchmarks/gpu_check.sh (CHECK_SUITE), shorter timing; "
+                         "with --quick: its scenarios at their quick sizes")
+    ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                    help="start no new problem after this many seconds; the rest are reported as not run")
     ap.add_argument("--scenario", default=None, help=f"comma list of: {', '.join(SCENARIOS)} (default all)")
     ap.add_argument("--sizes", default=None,
                     help="comma list overriding each selected scenario's sizes: N, NxM, BxNxM (batched), "
@@ -124,6 +144,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.iters is not None and args.iters < 1:
         ap.error("--iters must be >= 1")
+    if args.time_budget is not None and args.time_budget <= 0:
+        ap.error("--time-budget must be > 0")
     return args
 
 
@@ -141,6 +163,9 @@ def main(argv=None):
     cuda = device.type == "cuda"
     if args.quick:
         cfg = TimingConfig(budget_s=0.02, max_call_s=0.2, min_repeats=2, max_repeats=args.repeats or 2)
+    elif cuda and args.check:
+        # A dozen problems of up to 7 contenders in a few minutes: ~0.3 s timed per contender.
+        cfg = TimingConfig(budget_s=0.3, max_call_s=2.0, min_repeats=3, max_repeats=args.repeats or 30)
     elif cuda:
         cfg = TimingConfig(budget_s=1.0, max_call_s=5.0, min_repeats=3, max_repeats=args.repeats or 100)
     else:
@@ -165,6 +190,13 @@ def main(argv=None):
 
     def run_all(progress_cb=None, advance=None):
         for sc, size, dt in plan:
+            if args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
+                skipped.append(dict(scenario=sc, size=size, dtype=dt, contender="(problem not run)",
+                                    reason=f"{sc} {size} {dt}: time budget of {args.time_budget:g} s "
+                                           f"reached"))
+                if advance:
+                    advance()
+                continue
             n_iters = args.iters or (min(SCENARIOS[sc].n_iters, 10) if args.quick else None)
             try:
                 p = make_problem(sc, size, dt, device, n_iters=n_iters)
@@ -203,7 +235,8 @@ def main(argv=None):
     print_table(rows, console)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{meta['device_slug']}-{meta['date']}" + ("-quick" if args.quick else "")
+    stem = (f"{meta['device_slug']}-{meta['date']}" + ("-check" if args.check else "")
+            + ("-quick" if args.quick else ""))
     payload = dict(meta=meta, rows=rows, headline=heads, skipped=skipped, notes=NOTES,
                    tolerances={k: dict(f=v[0], plan=v[1]) for k, v in TOLERANCES.items()})
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=str))
@@ -217,8 +250,10 @@ def main(argv=None):
             print(f"plot failed: {exc}", file=sys.stderr)
     n_err = sum(r["status"] != "ok" for r in rows)
     n_bad = sum(r.get("agrees") is False for r in rows)
+    n_left = sum(s["contender"] == "(problem not run)" for s in skipped)
+    left = f"; {n_left} problems not run (time budget)" if n_left else ""
     print(f"\n{len(rows)} rows ({n_err} errors, {n_bad} outside tolerance) in {meta['elapsed_s']:.1f} s; "
-          f"copy bandwidth {copy_gbps:.3g} GB/s")
+          f"copy bandwidth {copy_gbps:.3g} GB/s{left}")
     for h in heads:
         if h["ours"].endswith("torch") and h["scenario"] == "dense":
             print(f"  {h['scenario']} {h['size']} {h['dtype']}: {h['ours']} "

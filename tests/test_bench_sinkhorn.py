@@ -153,3 +153,18 @@ def test_cli_rejects_unknown_scenario_and_dtype():
     args = bench.parse_args(["--scenario", "dense", "--sizes", "64,32x48", "--dtype", "f32"])
     plan = bench.build_plan(args, torch.device("cpu"))
     assert plan == [("dense", "64", "f32"), ("dense", "32x48", "f32")]
+
+
+def test_check_suite_plan_is_the_issue_shapes_in_priority_order():
+    from otbench.scenarios import CHECK_SUITE, SCENARIOS
+    plan = bench.build_plan(bench.parse_args(["--check"]), torch.device("cpu"))
+    assert plan == [(sc, s, d) for sc, sizes, dtypes in CHECK_SUITE for s in sizes for d in dtypes]
+    assert plan[0] == ("dense", "4096", "f32") and ("batched", "64x256x256", "f32") in plan
+    assert {sc for sc, _, _ in plan} == {"dense", "lowp", "swav", "batched", "unbalanced", "partial", "multi"}
+    # --quick keeps the suite's scenarios and order at their quick sizes (the CPU dry run of gpu_check.sh)
+    quick = bench.build_plan(bench.parse_args(["--check", "--quick"]), torch.device("cpu"))
+    expected = [(sc, s, d) for sc, _, _ in CHECK_SUITE
+                for s in SCENARIOS[sc].quick_sizes for d in SCENARIOS[sc].quick_dtypes]
+    assert quick == expected
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--time-budget", "0"])

@@ -119,7 +119,8 @@ def test_dummy_partial_moves_the_mass_whatever_the_cost_offset(backend):
 
 # ------------------------------------------------------------------ class 5: multi-assignment error
 def test_multi_assignment_reports_the_column_error():
-    cost = torch.tensor([[-3000.0, 3000], [-2000, 1000], [2000, -1000], [3000, -3000], [100, -100]], dtype=F64)
+    cost = torch.tensor([[-3000.0, 3000], [-2000, 1000], [2000, -1000], [3000, -3000], [100, -100]],
+                        dtype=F64)
     res = multi_assignment_sinkhorn(cost, 1, eps=1.0, n_iters=100)
     x = res.assignment
     measured = float((x.sum(1) - 1).abs().sum() + (x.sum(0) - 2.5).abs().sum())

@@ -1,5 +1,6 @@
 """The environment of a benchmark run: this checkout importable, optional packages, device, versions."""
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -69,3 +70,46 @@ def version_of(module):
         return importlib.import_module(module).__version__
     except Exception:
         return None
+
+
+# Optional packages of the tests and benchmarks: import name -> distribution name.
+OPTIONAL = {"ot": "POT", "hypothesis": "hypothesis", "pytest": "pytest", "xdist": "pytest-xdist",
+            "rich": "rich", "matplotlib": "matplotlib", "flash_sinkhorn": "flash-sinkhorn",
+            "geomloss": "geomloss", "numpy": "numpy", "scipy": "scipy"}
+
+
+def installed_version(module):
+    """The installed version of an optional package (``None`` when it is absent)."""
+    if not has_module(module):
+        return None
+    try:
+        return importlib.metadata.version(OPTIONAL.get(module, module))
+    except importlib.metadata.PackageNotFoundError:
+        return version_of(module)
+
+
+def environment_report(device):
+    """Lines naming the device, driver, torch / CUDA / triton versions and optional packages."""
+    name, _ = device_info(device)
+    lines = [f"device: {name}"]
+    if device.type == "cuda":
+        prop = torch.cuda.get_device_properties(device)
+        lines.append(f"  compute capability {prop.major}.{prop.minor}, {prop.multi_processor_count} SMs, "
+                     f"{prop.total_memory / 2**30:.1f} GiB")
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=30).stdout.strip()
+        except Exception:
+            driver = ""
+        lines.append(f"  driver: {driver.splitlines()[0] if driver else 'unknown (no nvidia-smi)'}")
+    lib = importlib.util.find_spec("ot_losses")
+    cudnn = torch.backends.cudnn.version()
+    lines += [f"torch: {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {cudnn})",
+              f"triton: {version_of('triton')}",
+              f"python: {platform.python_version()} ({sys.executable})",
+              f"ot_losses: {version_of('ot_losses')} from {Path(lib.origin).parent if lib else None}",
+              f"git commit: {git_commit()}",
+              f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}",
+              "optional packages: " + ", ".join(f"{dist} {installed_version(m) or '-'}"
+                                                for m, dist in OPTIONAL.items())]
+    return lines

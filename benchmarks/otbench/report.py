@@ -17,14 +17,14 @@ def metadata(device, args, copy_gbps):
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = dict(device=name, device_slug=slug, date=now.date().isoformat(),
                 datetime_utc=now.isoformat(timespec="seconds"), git_commit=git_commit(),
-                python=platform.python_version(), torch=torch.__version__,
+                python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
                 triton=version_of("triton"), pot=version_of("ot"), geomloss=version_of("geomloss"),
                 flash_sinkhorn=version_of("flash_sinkhorn"), ot_losses=version_of("ot_losses"),
                 numpy=np.__version__, copy_gbps=copy_gbps, torch_threads=torch.get_num_threads(),
                 copy_note="dst.copy_(src) of a large fp32 tensor, bytes read + written / time",
                 bandwidth_note="bytes/iter = 2 passes over the cost (row + column half-step) x its "
                                "element size; GB/s = that / time per iteration",
-                argv=sys.argv[1:], quick=args.quick,
+                argv=sys.argv[1:], quick=args.quick, check=args.check,
                 load_avg=[round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None)
     return meta
 
@@ -110,9 +110,9 @@ NOTES = [
 def write_markdown(path, meta, rows, skipped, heads):
     lines = [f"# bench_sinkhorn: {meta['device']}", "",
              f"- date (UTC): {meta['datetime_utc']}; git commit: `{meta['git_commit']}`",
-             f"- torch {meta['torch']}, triton {meta['triton']}, POT {meta['pot']}, GeomLoss "
-             f"{meta['geomloss']}, flash-sinkhorn {meta['flash_sinkhorn']}, numpy {meta['numpy']}, "
-             f"python {meta['python']}",
+             f"- torch {meta['torch']} (CUDA {meta.get('cuda')}), triton {meta['triton']}, "
+             f"POT {meta['pot']}, GeomLoss {meta['geomloss']}, flash-sinkhorn {meta['flash_sinkhorn']}, "
+             f"numpy {meta['numpy']}, python {meta['python']}",
              f"- copy bandwidth measured in this run: {meta['copy_gbps']:.3g} GB/s ({meta['copy_note']})",
              f"- load average (1, 5, 15 min) at start {meta.get('load_avg')}, at end "
              f"{meta.get('load_avg_end')}; run took {meta.get('elapsed_s', 0):.0f} s",

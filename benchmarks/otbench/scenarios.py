@@ -46,6 +46,18 @@ SCENARIOS = {s.name: s for s in [
              ("bf16",)),
 ]}
 
+# The short GPU suite of benchmarks/gpu_check.sh (bench_sinkhorn.py --check): the shapes the GPU
+# targets are stated at, in the order they are worth having when a time budget cuts the run short.
+CHECK_SUITE = (
+    ("dense", ("4096", "8192", "16384"), ("f32",)),
+    ("lowp", ("8192",), ("bf16",)),
+    ("swav", ("256", "1024", "4096"), ("f32",)),
+    ("batched", ("64x256x256",), ("f32",)),
+    ("unbalanced", ("4096",), ("f32",)),
+    ("partial", ("4096",), ("f32",)),
+    ("multi", ("5716x64",), ("f32",)),
+)
+
 
 @dataclasses.dataclass
 class Problem:
