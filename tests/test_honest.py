@@ -248,3 +248,14 @@ def test_solver_scalars_accept_0d_tensors_and_numpy():
                             dummy_cost=torch.tensor(2.0)).mass) == pytest.approx(0.5, rel=1e-3)
     with pytest.raises(TypeError, match="eps"):
         sinkhorn(cost, eps=torch.tensor([0.05, 0.1]))
+
+
+def test_batch_solves_as_its_problems_alone_when_only_some_need_offsets():
+    cost = torch.tensor([[[5e-4, 9.5e-4]], [[1.4e-4, 9.5e-4]]], dtype=F64)
+    cost = torch.cat([cost, cost + 1e6])  # the last two problems take offsets, the first two do not
+    for n_iters in (1, 7):
+        batch = partial_ot(cost, mass=1e-6, eps=1e-7, method="dummy", n_iters=n_iters)
+        for i in range(4):
+            single = partial_ot(cost[i], mass=1e-6, eps=1e-7, method="dummy", n_iters=n_iters)
+            assert torch.equal(batch.plan[i], single.plan)
+            assert float(batch.marginal_error[i]) == float(single.marginal_error)

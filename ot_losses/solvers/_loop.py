@@ -59,8 +59,9 @@ def cost_shift(stats, dtype, per_line, unroll=False, shard=D.LOCAL):
 
     ``per_line`` (problems invariant to adding constants to rows and
     columns): ``r_i = min_j C_ij`` and ``s_j = min_i C_ij - min C``; the
-    steps then subtract with compensated arithmetic. Otherwise one constant ``min C`` per problem in
-    ``r`` and ``s = None``. The offsets are constants of the solve (any give
+    steps then subtract with compensated arithmetic. Otherwise one constant
+    ``min C`` per problem in ``r`` and ``s = None``. Problems of a batch
+    that gain nothing get zero offsets. The offsets are constants of the solve (any give
     the same plan), detached except with ``unroll``, where a few iterations
     of some problems (the dummy partial) do depend on them.
 
@@ -85,11 +86,14 @@ def cost_shift(stats, dtype, per_line, unroll=False, shard=D.LOCAL):
         spread = torch.minimum(row_spread, col_spread)
     else:
         spread = finite(hi - lo, 0.0)
-    if not bool((size > 2 * spread).any()):  # one host sync
+    big = size > 2 * spread  # (B,): decided per problem, so a batch solves as its problems alone
+    if not bool(big.any()):  # one host sync
         return None
     if not per_line:
-        return finite(lo, 0.0).unsqueeze(-1).expand(row_min.shape), None
-    return finite(row_min, 0.0), finite(col_min - lo.unsqueeze(-1), 0.0)
+        return finite(lo, 0.0).masked_fill(~big, 0.0).unsqueeze(-1).expand(row_min.shape), None
+    keep = big.unsqueeze(-1)
+    return (finite(row_min, 0.0).masked_fill(~keep, 0.0),
+            finite(col_min - lo.unsqueeze(-1), 0.0).masked_fill(~keep, 0.0))
 
 
 def start_potentials(init, shift, shape, dtype, device):
