@@ -38,6 +38,11 @@ def check_cost(cost, name="cost"):
         raise TypeError(f"{name} must be a torch.Tensor (or an ot_losses.FeatureCost); "
                         f"got {type(cost).__name__}")
     check_tensor(cost, name)
+    if torch._C._functorch.is_batchedtensor(cost):
+        # the loop's convergence checks and the fast path's re-anchoring branch on values
+        raise ValueError(f"{name}: the solvers cannot run under torch.func.vmap (they branch on values "
+                         f"between iterations); pass the stacked (B, N, M) cost instead, which solves "
+                         f"every problem of the batch at once")
     if cost.ndim not in (2, 3):
         raise ValueError(f"{name} must have shape (N, M) or (B, N, M); got {_shape(cost)}")
     if any(s == 0 for s in cost.shape):

@@ -6,17 +6,18 @@ Gradients: with ``grad="unroll"`` every tensor of a result is differentiable
 ``transport_cost`` are computed from detached potentials and cost. With
 ``grad="none"`` nothing carries gradient.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any, Callable, Optional
 
 import torch
 
+from ._backend import get_steps
 from ._distributed import LOCAL, ROWS
 from .solvers._numerics import no_mass
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class _PlanResult:
     f: torch.Tensor
     g: torch.Tensor
@@ -64,6 +65,32 @@ class _PlanResult:
         """``(…,)`` regularised OT objective; its gradient w.r.t. the cost is the plan."""
         return self._out(self._value_fn())
 
+    def __getstate__(self):
+        """Pickled with ``value`` computed and everything detached (no closures, no process group).
+
+        An unpickled result carries no gradient; its lazy fields are
+        recomputed with the reference steps on first access.
+        """
+        def detached(x):
+            return x.detach() if isinstance(x, torch.Tensor) else x
+
+        state = {f.name: detached(getattr(self, f.name)) for f in fields(self)}
+        state.update(_value_fn=None, _steps=None, _differentiable=False, _shard=LOCAL,
+                     _shift=None if self._shift is None else tuple(detached(x) for x in self._shift))
+        state["_lazy"] = {k: detached(v) for k, v in self.__dict__.items()
+                          if k in ("plan", "log_plan", "transport_cost", "mass")}
+        state["_lazy"]["value"] = detached(self.value)
+        return state
+
+    def __setstate__(self, state):
+        lazy = state.pop("_lazy")
+        for name, x in state.items():
+            object.__setattr__(self, name, x)
+        cost = self._cost
+        object.__setattr__(self, "_steps", get_steps("torch") if isinstance(cost, torch.Tensor)
+                           else cost.steps("torch"))
+        self.__dict__.update(lazy)  # cached_property values
+
     def __repr__(self):
         shape = tuple(self._cost.shape) if self._batched else tuple(self._cost.shape[1:])
         conv = self.converged
@@ -72,7 +99,7 @@ class _PlanResult:
                 f"marginal_error={self.marginal_error.max().item():.3g}, converged={conv_s})")
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class SinkhornResult(_PlanResult):
     """Result of :func:`ot_losses.sinkhorn`.
 
@@ -91,7 +118,7 @@ class SinkhornResult(_PlanResult):
     """
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class PartialOTResult(_PlanResult):
     """Result of :func:`ot_losses.partial_ot`.
 
@@ -122,7 +149,7 @@ class PartialOTResult(_PlanResult):
         return self._shard.total(self._out(self._compute(total)), ROWS)
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class MultiAssignmentResult:
     """Result of :func:`ot_losses.multi_assignment_sinkhorn`.
 

@@ -259,3 +259,36 @@ def test_batch_solves_as_its_problems_alone_when_only_some_need_offsets():
             single = partial_ot(cost[i], mass=1e-6, eps=1e-7, method="dummy", n_iters=n_iters)
             assert torch.equal(batch.plan[i], single.plan)
             assert float(batch.marginal_error[i]) == float(single.marginal_error)
+
+
+@pytest.mark.parametrize("kind", ["sinkhorn", "unbalanced", "bregman", "dummy", "multi", "features"])
+def test_results_compare_by_identity_and_pickle(kind):
+    import pickle
+
+    from ot_losses import FeatureCost
+
+    cost = torch.rand(5, 6, dtype=F64, requires_grad=True)
+    res = {"sinkhorn": lambda: sinkhorn(cost, eps=0.1, tol=1e-9, n_iters=500),
+           "unbalanced": lambda: sinkhorn(cost, eps=0.1, reach=1.0, n_iters=50),
+           "bregman": lambda: partial_ot(cost, mass=0.5, eps=0.1),
+           "dummy": lambda: partial_ot(cost, mass=0.5, eps=0.1, method="dummy"),
+           "multi": lambda: multi_assignment_sinkhorn(cost.detach(), 2, eps=0.1),
+           "features": lambda: sinkhorn(FeatureCost(torch.rand(5, 3, dtype=F64), torch.rand(6, 3, dtype=F64)),
+                                        eps=0.1, n_iters=50)}[kind]()
+    assert res == res and res != pickle.loads(pickle.dumps(res))
+    back = pickle.loads(pickle.dumps(res))
+    if kind == "multi":
+        assert torch.equal(back.assignment, res.assignment)
+        return
+    assert torch.allclose(back.plan, res.plan.detach(), rtol=1e-12, atol=1e-300)
+    assert torch.allclose(back.value, res.value.detach(), rtol=1e-12)
+    assert torch.allclose(back.transport_cost, res.transport_cost.detach(), rtol=1e-12)
+    assert not back.value.requires_grad
+
+
+def test_torch_func_grad_of_envelope_value_is_the_plan_and_vmap_is_refused():
+    cost = torch.rand(4, 5, dtype=F64)
+    grad = torch.func.grad(lambda c: sinkhorn(c, eps=0.1, n_iters=500, tol=1e-10).value)(cost)
+    assert torch.allclose(grad, sinkhorn(cost, eps=0.1, n_iters=500, tol=1e-10).plan, rtol=1e-10)
+    with pytest.raises(ValueError, match="stacked"):
+        torch.func.vmap(lambda c: sinkhorn(c, eps=0.1, n_iters=5).value)(torch.rand(3, 4, 5))

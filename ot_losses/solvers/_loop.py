@@ -174,9 +174,13 @@ class _FirstOrderOnly(torch.autograd.Function):
     """Identity on an envelope gradient whose own derivative would be wrong: refuse it loudly."""
 
     @staticmethod
-    def forward(ctx, x, *inputs):
+    def forward(x, *inputs):
         # ``inputs`` (the solve's differentiable inputs) only make the output part of the graph.
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, *grads):
@@ -194,23 +198,30 @@ class EnvelopeValue(torch.autograd.Function):
     ``upstream x plan`` for the cost (one plan materialisation through the
     backend's ``plan`` step, no graph through the iterations) and
     ``upstream x grad_a|b`` for the marginals. A second derivative through
-    it raises (see :class:`_FirstOrderOnly`).
+    it raises (see :class:`_FirstOrderOnly`). Written with ``setup_context``
+    so that ``torch.func.grad`` works; the potentials and marginal
+    gradients ride along as non-differentiable outputs (empty when absent).
     """
 
     @staticmethod
-    def forward(ctx, cost, a, b, terms, steps, eps, shift):
+    def forward(cost, a, b, terms, steps, eps, shift):
         with torch.no_grad():
             value, da, db, fp, gp = terms(cost, a, b)
-        ctx.steps, ctx.eps, ctx.shift = steps, eps, shift
-        ctx.has_da, ctx.has_db = da is not None, db is not None
-        ctx.save_for_backward(cost, a, b, fp, gp, *(x for x in (da, db) if x is not None))
-        return value
+        empty = value.new_zeros(0)
+        return value, fp, gp, empty if da is None else da, empty if db is None else db
 
     @staticmethod
-    def backward(ctx, grad_value):
-        cost, a, b, fp, gp, *rest = ctx.saved_tensors
-        da = rest.pop(0) if ctx.has_da else None
-        db = rest.pop(0) if ctx.has_db else None
+    def setup_context(ctx, inputs, output):
+        cost, a, b, _, steps, eps, shift = inputs
+        _, fp, gp, da, db = output
+        ctx.steps, ctx.eps, ctx.shift = steps, eps, shift
+        ctx.mark_non_differentiable(fp, gp, da, db)
+        ctx.save_for_backward(cost, a, b, fp, gp, da, db)
+
+    @staticmethod
+    def backward(ctx, grad_value, *_):
+        cost, a, b, fp, gp, da, db = ctx.saved_tensors
+        da, db = (None if x.numel() == 0 else x for x in (da, db))
         grad_cost = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_cost = ctx.steps.plan(cost.detach(), fp, gp, ctx.eps, scale=grad_value.detach(),
@@ -231,7 +242,7 @@ def value_of(grad, cost3, a, b, terms, steps, eps, shift):
     if grad == "envelope":
         if not isinstance(cost3, torch.Tensor):  # FeatureCost: gradients go to its features
             return lambda: cost3.envelope_value(a, b, terms, steps, eps, shift)
-        return lambda: EnvelopeValue.apply(cost3, a, b, terms, steps, eps, shift)
+        return lambda: EnvelopeValue.apply(cost3, a, b, terms, steps, eps, shift)[0]
     if grad == "unroll":
         return lambda: terms(cost3, a, b)[0]
 
