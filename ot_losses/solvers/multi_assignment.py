@@ -1,5 +1,6 @@
 """Capacitated multi-assignment Sinkhorn (Multi-SK) with the binary (Fermi-Dirac) entropy."""
 import math
+from typing import Any, Optional
 
 import torch
 
@@ -9,6 +10,7 @@ from .._backend import resolve_backend
 from ..results import MultiAssignmentResult
 from ._loop import Problem, converged, cost_shift, make_steps, run_loop, start_potentials, unbatch
 from ._numerics import in_cost_units, shifted_cost
+from ._types import CostLike, Scalar
 
 _GRADS = ("none", "unroll")
 
@@ -57,8 +59,10 @@ class _MultiAssignmentProblem(Problem):
         return rows + self.shard.sum((torch.exp(c1 / eps) - self.log_c.exp()).abs(), D.COLS)
 
 
-def multi_assignment_sinkhorn(cost, k, b=None, *, eps=0.05, n_iters=100, tol=None, grad="none",
-                              backend="auto", process_group=None, shard_dim=None):
+def multi_assignment_sinkhorn(cost: CostLike, k: float, b: Optional[torch.Tensor] = None, *,
+                              eps: Scalar = 0.05, n_iters: int = 100, tol: Optional[Scalar] = None,
+                              grad: str = "none", backend: str = "auto", process_group: Optional[Any] = None,
+                              shard_dim: Optional[int] = None) -> MultiAssignmentResult:
     """Capacitated multi-assignment: every row takes ``k`` units, each entry at most 1.
 
     Solves ``max_X -<X, C> + eps H_FD(X)`` subject to ``X 1 = k``,

@@ -1,4 +1,6 @@
 """Entropic partial optimal transport: Bregman projections or the dummy-point formulation."""
+from typing import Any, Optional, Union
+
 import torch
 
 from .. import _distributed as D
@@ -8,6 +10,7 @@ from ..results import PartialOTResult
 from ._loop import (GRADS, Problem, converged, cost_shift, fold, make_steps, max_change, run_loop, unbatch,
                     value_of)
 from ._numerics import in_cost_units, no_mass, weighted_exp
+from ._types import CostLike, Scalar
 from .sinkhorn import _dot
 
 METHODS = ("bregman", "dummy")
@@ -159,8 +162,11 @@ class _DummyProblem(Problem):
         return terms
 
 
-def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, method="bregman",
-               dummy_cost=None, grad="envelope", backend="auto", process_group=None, shard_dim=None):
+def partial_ot(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None, *,
+               mass: Union[Scalar, torch.Tensor], eps: Scalar = 0.05, n_iters: int = 200,
+               tol: Optional[Scalar] = None, method: str = "bregman", dummy_cost: Optional[Scalar] = None,
+               grad: str = "envelope", backend: str = "auto", process_group: Optional[Any] = None,
+               shard_dim: Optional[int] = None) -> PartialOTResult:
     """Entropic partial optimal transport: move only ``mass`` from ``a`` to ``b``.
 
     Finds a plan ``P >= 0`` with ``P 1 <= a``, ``P^T 1 <= b`` and total mass
@@ -252,7 +258,8 @@ def partial_ot(cost, a=None, b=None, *, mass, eps=0.05, n_iters=200, tol=None, m
     la, lb = (aw, bw) if unroll else (aw.detach(), bw.detach())
     with torch.set_grad_enabled(unroll):
         if method == "bregman":
-            problem = _BregmanProblem(steps, loop_cost, la.log(), lb.log(), m.log(), eps, shift, shard)
+            problem: Union[_BregmanProblem, _DummyProblem] = _BregmanProblem(
+                steps, loop_cost, la.log(), lb.log(), m.log(), eps, shift, shard)
         else:
             ta, tb = (ma, mb) if unroll else (ma.detach(), mb.detach())
             problem = _DummyProblem(steps, loop_cost, la.log(), lb.log(), (tb - m).log(), (ta - m).log(),

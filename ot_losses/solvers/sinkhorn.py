@@ -1,5 +1,6 @@
 """Entropic optimal transport by log-domain Sinkhorn (balanced and unbalanced)."""
 import math
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -10,6 +11,7 @@ from ..results import SinkhornResult
 from ._loop import (GRADS, Problem, converged, cost_shift, fold, make_steps, max_change, run_loop,
                     start_potentials, unbatch, value_of)
 from ._numerics import in_cost_units, no_mass, weighted_exp
+from ._types import CostLike, Scalar
 
 
 def _damping(rho, eps):
@@ -122,8 +124,12 @@ def _value_terms(steps, eps, rho, f, g, shift, shard=D.LOCAL):
     return terms
 
 
-def sinkhorn(cost, a=None, b=None, *, eps=0.05, n_iters=100, tol=None, reach=None, init=None,
-             eps_schedule=None, grad="envelope", backend="auto", process_group=None, shard_dim=None):
+def sinkhorn(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None, *,
+             eps: Scalar = 0.05, n_iters: int = 100, tol: Optional[Scalar] = None,
+             reach: Optional[Union[float, Tuple[float, float]]] = None,
+             init: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+             eps_schedule: Optional[Sequence[Scalar]] = None, grad: str = "envelope", backend: str = "auto",
+             process_group: Optional[Any] = None, shard_dim: Optional[int] = None) -> SinkhornResult:
     """Entropic optimal transport between ``a`` and ``b`` for ``cost``, in the log domain.
 
     Solves ``min_P <P, C> + eps KL(P || a b^T)`` subject to ``P 1 = a``,
