@@ -292,3 +292,16 @@ def test_torch_func_grad_of_envelope_value_is_the_plan_and_vmap_is_refused():
     assert torch.allclose(grad, sinkhorn(cost, eps=0.1, n_iters=500, tol=1e-10).plan, rtol=1e-10)
     with pytest.raises(ValueError, match="stacked"):
         torch.func.vmap(lambda c: sinkhorn(c, eps=0.1, n_iters=5).value)(torch.rand(3, 4, 5))
+
+
+@pytest.mark.parametrize("grad", ["envelope", "unroll"])
+def test_row_offset_with_forbidden_entries_keeps_the_first_iterate(grad):
+    torch.manual_seed(0)
+    cost = torch.rand(2, 6) * 1e-3
+    cost[0, 5] = INF
+    cost[1, 0] = INF  # column 0's only allowed entry lies in the shifted row
+    offset = torch.tensor([1e6, 0.0])[:, None]
+    exact = ((cost + offset).double() - offset).double()  # the differences fp32 kept
+    ref = sinkhorn(exact, eps=0.01, n_iters=1).plan
+    got = sinkhorn(cost + offset, eps=0.01, n_iters=1, grad=grad).plan
+    assert float((got.detach().double() - ref).abs().sum()) <= 1e-6

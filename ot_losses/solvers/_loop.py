@@ -45,7 +45,7 @@ def make_steps(backend, grad, cost3, dtype, shift, forbidden, scaled=True, row_m
     return get_steps(backend)
 
 
-def cost_shift(stats, dtype, per_line, unroll=False, shard=D.LOCAL):
+def cost_shift(stats, dtype, per_line, unroll=False, shard=D.LOCAL, cost3=None):
     """Offsets ``(r, s)`` that every step subtracts from the cost, or None.
 
     ``stats``: the lines' extreme allowed entries (``check_cost_values``).
@@ -64,6 +64,11 @@ def cost_shift(stats, dtype, per_line, unroll=False, shard=D.LOCAL):
     that gain nothing get zero offsets. The offsets are constants of the solve (any give
     the same plan), detached except with ``unroll``, where a few iterations
     of some problems (the dummy partial) do depend on them.
+
+    ``cost3``: the dense cost, if it is one; then ``s_j = min_i (C_ij - r_i)``
+    exactly (one more pass, only where offsets are taken): ``min_i C_ij -
+    min C`` can be far off when a column's only allowed entries lie in
+    shifted rows.
 
     ``shard``: for one rank's block of a cost split across a process group,
     completes each extreme across the ranks, so every rank takes the whole
@@ -92,8 +97,13 @@ def cost_shift(stats, dtype, per_line, unroll=False, shard=D.LOCAL):
     if not per_line:
         return finite(lo, 0.0).masked_fill(~big, 0.0).unsqueeze(-1).expand(row_min.shape), None
     keep = big.unsqueeze(-1)
-    return (finite(row_min, 0.0).masked_fill(~keep, 0.0),
-            finite(col_min - lo.unsqueeze(-1), 0.0).masked_fill(~keep, 0.0))
+    r = finite(row_min, 0.0).masked_fill(~keep, 0.0)
+    if isinstance(cost3, torch.Tensor):
+        with torch.no_grad():
+            s = shard.low((cost3.detach().to(dtype) - r.detach().unsqueeze(-1)).amin(-2), D.ROWS)
+    else:
+        s = col_min - lo.unsqueeze(-1)
+    return r, finite(s, 0.0).masked_fill(~keep, 0.0)
 
 
 def start_potentials(init, shift, shape, dtype, device):
