@@ -227,6 +227,11 @@ def check_n_iters(n_iters, name="n_iters"):
     return n_iters
 
 
+def check_iterations(eps, n_iters, tol):
+    """The loop's settings: ``eps > 0``, ``n_iters >= 1``, ``tol > 0`` or None."""
+    return check_positive_scalar(eps, "eps"), check_n_iters(n_iters), check_tol(tol)
+
+
 def check_tol(tol):
     return None if tol is None else check_positive_scalar(tol, "tol")
 

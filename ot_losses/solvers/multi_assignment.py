@@ -108,9 +108,7 @@ def multi_assignment_sinkhorn(cost: CostLike, k: float, b: Optional[torch.Tensor
         cost3, batched = V.check_cost(cost)
         N, M = shard.size(cost3, 1), shard.size(cost3, 2)  # global sizes when the cost is split
         k = V.check_k(k, M)
-        eps = V.check_positive_scalar(eps, "eps")
-        n_iters = V.check_n_iters(n_iters)
-        tol = V.check_tol(tol)
+        eps, n_iters, tol = V.check_iterations(eps, n_iters, tol)
         V.check_choice(grad, "grad", _GRADS)
         V.check_grad_group(grad, process_group)
         bw = shard.marginal(b, "b", cost3, 2, batched)

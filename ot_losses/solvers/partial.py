@@ -226,9 +226,7 @@ def partial_ot(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[tor
     shard = D.shard_of(cost, process_group, shard_dim)
     with shard.checks():  # with a group, an error on any rank is raised on every rank
         cost3, batched = V.check_cost(cost)
-        eps = V.check_positive_scalar(eps, "eps")
-        n_iters = V.check_n_iters(n_iters)
-        tol = V.check_tol(tol)
+        eps, n_iters, tol = V.check_iterations(eps, n_iters, tol)
         V.check_choice(method, "method", METHODS)
         V.check_choice(grad, "grad", GRADS)
         V.check_grad_group(grad, process_group)

@@ -208,9 +208,7 @@ def sinkhorn(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[torch
     shard = D.shard_of(cost, process_group, shard_dim)
     with shard.checks():  # with a group, an error on any rank is raised on every rank
         cost3, batched = V.check_cost(cost)
-        eps = V.check_positive_scalar(eps, "eps")
-        n_iters = V.check_n_iters(n_iters)
-        tol = V.check_tol(tol)
+        eps, n_iters, tol = V.check_iterations(eps, n_iters, tol)
         rho = V.check_reach(reach)
         schedule = V.check_eps_schedule(eps_schedule, eps)
         V.check_choice(grad, "grad", GRADS)
