@@ -227,7 +227,7 @@ def check_n_iters(n_iters, name="n_iters"):
     return n_iters
 
 
-def check_iterations(eps, n_iters, tol):
+def check_iterations(eps: object, n_iters: object, tol: object) -> Tuple[float, int, Optional[float]]:
     """The loop's settings: ``eps > 0``, ``n_iters >= 1``, ``tol > 0`` or None."""
     return check_positive_scalar(eps, "eps"), check_n_iters(n_iters), check_tol(tol)
 
