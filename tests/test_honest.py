@@ -305,3 +305,11 @@ def test_row_offset_with_forbidden_entries_keeps_the_first_iterate(grad):
     ref = sinkhorn(exact, eps=0.01, n_iters=1).plan
     got = sinkhorn(cost + offset, eps=0.01, n_iters=1, grad=grad).plan
     assert float((got.detach().double() - ref).abs().sum()) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unbalanced_mass_beyond_the_dtype_raises(backend):
+    cost = torch.tensor([[-1.0]], dtype=F64)
+    with pytest.raises(ValueError, match="exceeds the largest"):
+        sinkhorn(cost, eps=1e-7, reach=1e-6, n_iters=1, backend=backend)
+

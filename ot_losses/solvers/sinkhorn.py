@@ -77,6 +77,24 @@ class _SinkhornProblem(Problem):
         return self.shard.sum((r - self.log_a.exp()).abs(), D.ROWS)
 
 
+def _check_representable(problem, eps, dtype, shard):
+    """Unbalanced optima may carry more mass than ``dtype`` holds (costs far below 0 against reach).
+
+    One row pass: the plan's log-mass; an overflowing plan is an error, not an inf/NaN result.
+    """
+    with torch.no_grad():
+        lr = problem._row_pass(eps)
+        log_rows = no_mass(fold(problem.f + lr, problem.log_a, eps) / eps)
+        log_mass = shard.lse(log_rows, D.ROWS)
+    limit = math.log(torch.finfo(dtype).max)
+    if bool((log_mass > limit).any()):
+        hint = ", or use float64" if dtype != torch.float64 else ""
+        raise ValueError(f"cost and reach give an unbalanced plan whose mass, "
+                         f"exp({float(log_mass.max()):.4g}), exceeds the largest {dtype} (exp({limit:.4g})): "
+                         f"the cost is far below 0 relative to reach; add a constant to the cost or raise "
+                         f"reach{hint}")
+
+
 def _kl(r, log_ratio, w):
     """Generalised ``KL(r || w) = sum r log(r / w) - r + w`` with ``log(r / w)`` given."""
     return (torch.where(r > 0, r * log_ratio, torch.zeros_like(r)) - r + w).sum(-1)
@@ -246,6 +264,8 @@ def sinkhorn(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[torch
         problem = _SinkhornProblem(steps, loop_cost, log_a, log_b, f, g, rho, shift, fused, shard)
         iters, err = run_loop(problem, eps, n_iters, tol, schedule, "sinkhorn")
     f, g = problem.f, problem.g  # outside "unroll" the loop ran without grad: already detached
+    if rho is not None:
+        _check_representable(problem, eps, dtype, shard)
     scale = ma.detach() if rho is None else torch.full_like(err, eps)
     fo, go = in_cost_units(f, g, shift)
     return SinkhornResult(
