@@ -312,4 +312,3 @@ def test_unbalanced_mass_beyond_the_dtype_raises(backend):
     cost = torch.tensor([[-1.0]], dtype=F64)
     with pytest.raises(ValueError, match="exceeds the largest"):
         sinkhorn(cost, eps=1e-7, reach=1e-6, n_iters=1, backend=backend)
-
