@@ -3,7 +3,7 @@
 Hypothesis draws a :class:`Spec`: plain values (solver, sizes, dtype, cost
 scale and offset, eps, marginal kinds, forbidden pattern, memory layout,
 iteration budget, a seed). :func:`build` turns it into tensors with a numpy
-generator and works out what API.md lets the call do:
+generator and works out what docs/api.md lets the call do:
 
 - ``"raise"``: invalid input (NaN/-inf cost, bad marginals, unequal mass,
   ``k`` out of range...) or a support that is infeasible line by line (a
@@ -438,7 +438,7 @@ def _views(case):
 def exponent_scale(cost64, a64, b64, eps, offset_free=True):
     """Size of the exponents ``(f_i + g_j - C_ij) / eps`` a solver handles: (finite cost range) / eps plus
     the range of the log-marginals. Rounding slacks are proportional to it; a constant offset of the
-    cost does not count (API.md: invariance "up to rounding of the differences"), except for unbalanced
+    cost does not count (docs/api.md: invariance "up to rounding of the differences"), except for unbalanced
     problems (``offset_free=False``), which are not shift invariant: their potentials carry the offset."""
     finite = cost64[torch.isfinite(cost64)]
     if not finite.numel():
@@ -561,7 +561,7 @@ def _classify(case):
             _set(case, "raise", "mass > min(sum a, sum b)", words=("mass",))
 
     # Lines that can carry nothing (zero mass, or no allowed partner with mass): their potentials may be
-    # infinite (API.md, Honest results), their plan lines are 0.
+    # infinite (docs/api.md, Honest results), their plan lines are 0.
     pos_a, pos_b = a > 0, b > 0
     case.extras["dead_rows"] = ~pos_a | ~(allowed & pos_b[:, None, :]).any(-1)
     case.extras["dead_cols"] = ~pos_b | ~(allowed & pos_a[:, :, None]).any(-2)
@@ -579,14 +579,14 @@ def _classify(case):
         return
     for p in range(B):
         al, ap, bp = allowed[p], a[p], b[p]
-        # Any solver: a line with positive mass whose entries are all forbidden (API.md, Conventions).
+        # Any solver: a line with positive mass whose entries are all forbidden (docs/api.md, Conventions).
         if ((ap > 0) & ~al.any(-1)).any() or ((bp > 0) & ~al.any(-2)).any():
             _set(case, "raise", "a positive-mass line is entirely forbidden", words=("row", "column"))
         reach_rows = (al & (bp > 0)[None, :]).any(-1)
         reach_cols = (al & (ap > 0)[:, None]).any(-2)
         lonely = ((ap > 0) & ~reach_rows).any() or ((bp > 0) & ~reach_cols).any()
         if solver == "balanced":
-            if lonely:   # API.md, Honest results: reaches only forbidden entries or zero-mass partners
+            if lonely:   # docs/api.md, Honest results: reaches only forbidden entries or zero-mass partners
                 _set(case, "raise", "a positive-mass line reaches only zero-mass partners",
                      words=("row", "column"))
             need = float(min(ap.sum(), bp.sum()))

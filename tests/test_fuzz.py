@@ -1,4 +1,4 @@
-"""Property/fuzz suite (issue 9, "Keep it so"): random and adversarial problems against API.md.
+"""Property/fuzz suite (issue 9, "Keep it so"): random and adversarial problems against docs/api.md.
 
 Problems come from ``fuzz_problems.py`` (1xM, Nx1, batched; f64/f32/f16/bf16;
 eps 1e-4..10 x the cost scale; scales 1e-3..1e4, offsets up to 1e6; feasible
@@ -181,7 +181,7 @@ def outcome(case, fn):
 # ----------------------------------------------------------------------------- the honest-result checks
 
 def check_result(case, res, kw=None):
-    """Every invariant of API.md ("Honest results", solvers) that a single result must satisfy."""
+    """Every invariant of docs/api.md ("Honest results", solvers) that a single result must satisfy."""
     kw = case.kwargs if kw is None else kw
     solver = case.solver
     multi = solver == "multi"
@@ -269,7 +269,7 @@ def check_result(case, res, kw=None):
         count(solver, "converged => marginal_error <= tol")
     if solver in ("balanced", "multi") or (solver == "unbalanced" and all(map(math.isinf, _reach(kw)))):
         measured = (rows - a).abs().sum(-1) + (cols - b).abs().sum(-1)
-        # Masses equal only to rounding (API.md: 1e-5 relative; multi-assignment: sum b = 1, targets
+        # Masses equal only to rounding (docs/api.md: 1e-5 relative; multi-assignment: sum b = 1, targets
         # k N b_j <= N): whether the solver rescales or clamps a side, the L1 error can move by that much.
         sl = sl + (a.sum(-1) - b.sum(-1)).abs() + ((b - N).clamp(min=0).sum(-1) if multi else 0.0)
         assert bool(((measured - err).abs() <= sl).all()), (
@@ -521,7 +521,7 @@ def _shift_values(kind, rng, mag, shape):
 @fuzz_settings(ci=12, fuzz=160)
 @given(data=st.data())
 def test_shift_invariance(kind, data):
-    """API.md, Honest results: adding a constant to the whole cost (balanced: to rows or columns) leaves
+    """docs/api.md, Honest results: adding a constant to the whole cost (balanced: to rows or columns) leaves
     plans unchanged up to rounding of the differences, in fp32 too. The reference is the same dtype's
     solve of ``(C + s) - s`` computed exactly, i.e. the shifted cost's own differences."""
     solver = data.draw(st.sampled_from(SHIFTS[kind]), label="solver")
@@ -615,7 +615,7 @@ POT_EPS = st.sampled_from([0.05, 0.1, 0.3, 1.0, 10.0])
 # Forbidden entries become max C + 40 eps for POT: negligible for balanced and partial plans (bounded
 # potentials), not for unbalanced ones, whose potentials grow with the mass they create.
 POT_FORBID = {"unbalanced": ["none", "zero_line"]}
-POT_RTOL = {"balanced": 1e-6, "bregman": 1e-6, "unbalanced": 1e-5}   # API.md states 1e-6 for partial
+POT_RTOL = {"balanced": 1e-6, "bregman": 1e-6, "unbalanced": 1e-5}   # docs/api.md states 1e-6 for partial
 
 
 def _pot_reference(case, kw, keep_r, keep_c):
@@ -653,7 +653,7 @@ def _pot_reference(case, kw, keep_r, keep_c):
 @fuzz_settings(ci=15, fuzz=300)
 @given(data=st.data())
 def test_matches_pot(solver, data):
-    """API.md: the plans agree with POT in float64 where both converge (sinkhorn_log, sinkhorn_unbalanced
+    """docs/api.md: the plans agree with POT in float64 where both converge (sinkhorn_log, sinkhorn_unbalanced
     with reg_type="kl", entropic_partial_wasserstein)."""
     pytest.importorskip("ot")
     rhos = st.sampled_from([1e-2, 0.1, 1.0, 10.0, 1e3])

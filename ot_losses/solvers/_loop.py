@@ -190,7 +190,7 @@ class _FirstOrderOnly(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        """Nothing to save: the backward pass only raises (needed for ``torch.func`` transforms)."""
 
     @staticmethod
     def backward(ctx, *grads):
