@@ -312,3 +312,39 @@ def test_unbalanced_mass_beyond_the_dtype_raises(backend):
     cost = torch.tensor([[-1.0]], dtype=F64)
     with pytest.raises(ValueError, match="exceeds the largest"):
         sinkhorn(cost, eps=1e-7, reach=1e-6, n_iters=1, backend=backend)
+
+
+def test_column_shift_on_a_zero_mass_column_does_not_move_the_plan():
+    # A far-off entry in a column that receives nothing must not set the row offsets.
+    torch.manual_seed(0)
+    cost = torch.rand(4, 3, dtype=F64) * 1e-3
+    b = torch.tensor([0.0, 0.25, 0.75], dtype=F64)
+    shift = torch.tensor([-1000.0, 0, 0], dtype=F64)[None, :]
+    shifted = cost + shift
+    exact = shifted - shift
+    p1 = sinkhorn(shifted, None, b, eps=1e-4, n_iters=2000, tol=1e-13).plan
+    p2 = sinkhorn(exact, None, b, eps=1e-4, n_iters=2000, tol=1e-13).plan
+    assert float((p1 - p2).abs().sum()) <= 1e-12
+
+
+def test_dummy_masses_do_not_depend_on_the_marginals_layout():
+    # mass = min(sum a, sum b): the dummy row's mass is a difference of nearly equal float32 sums.
+    torch.manual_seed(0)
+    cost = torch.rand(1, 12) * 1e-3
+    a, b = torch.tensor([1e-3]), torch.full((12,), 1e-3 / 12)
+    strided = torch.zeros(24)
+    strided[::2] = b
+    mass = float(torch.minimum(a.double().sum(), b.double().sum()))
+    plans = [partial_ot(cost, a, w, mass=mass, eps=1e-7, method="dummy", n_iters=1).plan
+             for w in (b, strided[::2])]
+    assert torch.equal(plans[0], plans[1])
+
+
+def test_float16_cost_gradient_beyond_its_range_raises():
+    # An unconverged unbalanced plan may hold entries above 65504: the float16 gradient would be inf.
+    cost = (torch.rand(4, 5) - 30).half().requires_grad_()
+    a, b = torch.full((4,), 1e3), torch.full((5,), 1e3)
+    res = sinkhorn(cost, a, b, eps=1.0, reach=1.0, n_iters=3)
+    assert bool(torch.isfinite(res.plan).all())
+    with pytest.raises(ValueError, match="float16"):
+        res.value.backward()

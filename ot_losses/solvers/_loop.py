@@ -45,7 +45,7 @@ def make_steps(backend, grad, cost3, dtype, shift, forbidden, scaled=True, row_m
     return get_steps(backend)
 
 
-def cost_shift(stats, dtype, per_line, unroll=False, shard=D.LOCAL, cost3=None):
+def cost_shift(stats, dtype, per_line, unroll=False, shard=D.LOCAL, cost3=None, masses=None):
     """Offsets ``(r, s)`` that every step subtracts from the cost, or None.
 
     ``stats``: the lines' extreme allowed entries (``check_cost_values``).
@@ -68,7 +68,10 @@ def cost_shift(stats, dtype, per_line, unroll=False, shard=D.LOCAL, cost3=None):
     ``cost3``: the dense cost, if it is one; then ``s_j = min_i (C_ij - r_i)``
     exactly (one more pass, only where offsets are taken): ``min_i C_ij -
     min C`` can be far off when a column's only allowed entries lie in
-    shifted rows.
+    shifted rows. With ``masses = (a, b)`` too (either may be None: all
+    lines carry mass), both minima skip zero-mass lines: a far-off entry
+    in a column that receives nothing would otherwise set the row offsets,
+    and every live entry of the row would lose precision to it.
 
     ``shard``: for one rank's block of a cost split across a process group,
     completes each extreme across the ranks, so every rank takes the whole
@@ -97,11 +100,20 @@ def cost_shift(stats, dtype, per_line, unroll=False, shard=D.LOCAL, cost3=None):
     if not per_line:
         return finite(lo, 0.0).masked_fill(~big, 0.0).unsqueeze(-1).expand(row_min.shape), None
     keep = big.unsqueeze(-1)
-    r = finite(row_min, 0.0).masked_fill(~keep, 0.0)
     if isinstance(cost3, torch.Tensor):
+        c = (cost3 if unroll else cost3.detach()).to(dtype)
+        a, b = (None, None) if masses is None else masses
+        if b is not None:
+            c = c.masked_fill((b <= 0).unsqueeze(-2), math.inf)
+            row_min = shard.low(c.amin(-1), D.COLS)
+        r = finite(row_min, 0.0).masked_fill(~keep, 0.0)
         with torch.no_grad():
-            s = shard.low((cost3.detach().to(dtype) - r.detach().unsqueeze(-1)).amin(-2), D.ROWS)
+            shifted = c.detach() - r.detach().unsqueeze(-1)
+            if a is not None:
+                shifted = shifted.masked_fill((a <= 0).unsqueeze(-1), math.inf)
+            s = shard.low(shifted.amin(-2), D.ROWS)
     else:
+        r = finite(row_min, 0.0).masked_fill(~keep, 0.0)
         s = col_min - lo.unsqueeze(-1)
     return r, finite(s, 0.0).masked_fill(~keep, 0.0)
 
@@ -200,6 +212,16 @@ class _FirstOrderOnly(torch.autograd.Function):
                            "higher-order derivatives")
 
 
+def _in_dtype(grad, dtype):
+    """``grad`` cast to the cost's dtype; an entry beyond its range (float16) is an error, not inf."""
+    top = torch.finfo(dtype).max
+    if top < torch.finfo(grad.dtype).max and bool((grad.abs() > top).any()):
+        raise ValueError(f"d value / d cost has entries up to {float(grad.abs().max()):.4g}, beyond the "
+                         f"largest {dtype} ({top:.4g}): the plan does not fit the cost's dtype; pass the "
+                         f"cost in float32")
+    return grad.to(dtype)
+
+
 class EnvelopeValue(torch.autograd.Function):
     """``value`` of a solved problem whose gradient is given by the envelope theorem.
 
@@ -234,8 +256,8 @@ class EnvelopeValue(torch.autograd.Function):
         da, db = (None if x.numel() == 0 else x for x in (da, db))
         grad_cost = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_cost = ctx.steps.plan(cost.detach(), fp, gp, ctx.eps, scale=grad_value.detach(),
-                                       shift=ctx.shift).to(cost.dtype)
+            grad_cost = _in_dtype(ctx.steps.plan(cost.detach(), fp, gp, ctx.eps, scale=grad_value.detach(),
+                                                 shift=ctx.shift), cost.dtype)
         if ctx.needs_input_grad[1] and da is not None:
             grad_a = grad_value.unsqueeze(-1) * da
         if ctx.needs_input_grad[2] and db is not None:

@@ -132,7 +132,8 @@ def multi_assignment_sinkhorn(cost: CostLike, k: float, b: Optional[torch.Tensor
     dtype = V.compute_dtype(cost3)
     # Row and column sums are fixed, so constants added to rows or columns do not change X.
     unroll = grad == "unroll"
-    shift = cost_shift(stats, dtype, per_line=True, unroll=unroll, shard=shard, cost3=cost3)
+    shift = cost_shift(stats, dtype, per_line=True, unroll=unroll, shard=shard, cost3=cost3,
+                       masses=(None, target))
     steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden, scaled=False))
     loop_cost = cost3 if unroll else cost3.detach()
     # 0 in the cost's own units, so that the first iterates are the textbook ones.

@@ -237,9 +237,13 @@ def partial_ot(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[tor
         name = resolve_backend(backend, cost3.device)
         V.check_grad_backend(grad, name)
         forbidden, stats = V.check_cost_values(cost3)
-    ma, mb = shard.totals(aw, bw, check=(a is not None, b is not None))  # uniform weights need no check
+    # Totals in float64: the dummy masses are differences of nearly equal sums (mass = min(sum a,
+    # sum b) is common), and a float32 sum's rounding depends on the memory layout.
+    ma, mb = shard.totals(aw.double(), bw.double(), check=(a is not None, b is not None))
     with shard.checks():
         m = V.check_mass(mass, ma.unsqueeze(-1), mb.unsqueeze(-1))  # totals as one-entry marginals
+    log_dummy = ((mb - m).log(), (ma - m).log())
+    ma, mb, m = (x.to(aw.dtype) for x in (ma, mb, m))
     if shard.any(forbidden):
         with shard.checks():
             V.check_feasible(cost3, aw, bw, balanced=False, complete=shard.total, offsets=shard.offsets)
@@ -259,9 +263,8 @@ def partial_ot(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[tor
             problem: Union[_BregmanProblem, _DummyProblem] = _BregmanProblem(
                 steps, loop_cost, la.log(), lb.log(), m.log(), eps, shift, shard)
         else:
-            ta, tb = (ma, mb) if unroll else (ma.detach(), mb.detach())
-            problem = _DummyProblem(steps, loop_cost, la.log(), lb.log(), (tb - m).log(), (ta - m).log(),
-                                    shift, shard)
+            ld = tuple(x.to(aw.dtype) if unroll else x.detach().to(aw.dtype) for x in log_dummy)
+            problem = _DummyProblem(steps, loop_cost, la.log(), lb.log(), *ld, shift, shard)
         iters, err = run_loop(problem, eps, n_iters, tol, [], "partial_ot")
     fp, gp = problem.plan_potentials(eps)
     f, g = problem.potentials(eps)

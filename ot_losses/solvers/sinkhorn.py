@@ -250,7 +250,8 @@ def sinkhorn(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[torch
     dtype = V.compute_dtype(cost3)
     # Balanced plans do not change when a constant is added to a row or a column; unbalanced ones
     # do, so only one constant per problem is taken out there.
-    shift = cost_shift(stats, dtype, per_line=rho is None, unroll=grad == "unroll", shard=shard, cost3=cost3)
+    shift = cost_shift(stats, dtype, per_line=rho is None, unroll=grad == "unroll", shard=shard, cost3=cost3,
+                       masses=(aw, bw))
     steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden, row_min=stats[0]))
     B, N, M = cost3.shape
     f, g = start_potentials(init, shift, cost3.shape, dtype, cost3.device)
