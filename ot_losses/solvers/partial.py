@@ -263,8 +263,8 @@ def partial_ot(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[tor
             problem: Union[_BregmanProblem, _DummyProblem] = _BregmanProblem(
                 steps, loop_cost, la.log(), lb.log(), m.log(), eps, shift, shard)
         else:
-            ld = tuple(x.to(aw.dtype) if unroll else x.detach().to(aw.dtype) for x in log_dummy)
-            problem = _DummyProblem(steps, loop_cost, la.log(), lb.log(), *ld, shift, shard)
+            ld, lc = (x.to(aw.dtype) if unroll else x.detach().to(aw.dtype) for x in log_dummy)
+            problem = _DummyProblem(steps, loop_cost, la.log(), lb.log(), ld, lc, shift, shard)
         iters, err = run_loop(problem, eps, n_iters, tol, [], "partial_ot")
     fp, gp = problem.plan_potentials(eps)
     f, g = problem.potentials(eps)
