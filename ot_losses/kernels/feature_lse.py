@@ -42,7 +42,8 @@ from .lse_steps import _finish_lse, _logsigmoid_pair, _online_lse
 __all__ = ["balanced_small_supported", "col_lse", "col_sigmoid_lse", "feature_grads", "log_plan",
            "max_cost", "plan", "plan_cost", "row_lse", "row_sigmoid_lse"]
 
-LSE, SIGMOID, PLAN_COST = 0, 1, 2
+# constexpr: a kernel compiled for a GPU may read only constexpr globals (the interpreter reads any)
+LSE, SIGMOID, PLAN_COST = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 MAX_BLOCK = 16 if _interpreting() else 64   # tile sides; tl.dot needs >= 16
 MAX_BLOCK_D = 64
 
