@@ -575,6 +575,11 @@ def _classify(case):
         if grow + math.log(max(float(a.sum(-1).max()), float(b.sum(-1).max()))) > 0.7 * logmax:
             case.extras["overflow"] = True
             _set(case, "either", f"unbalanced optimum of mass ~exp({grow:.0f}) overflows")
+    if solver == "unbalanced" and valid and not all(math.isinf(r) for r in spec.reach_rel):
+        # Unbalanced potentials keep the cost's offset: once u * |C| / eps nears 1 the plan's exponents are
+        # rounding noise, and the solver refuses (docs/api.md, Honest results); 20x margin for |f| + |g|.
+        if torch.finfo(case.compute_dtype).eps * case.arg_scale > 0.05:
+            _set(case, "either", "unbalanced exponents beyond the dtype's precision", words=("precision",))
     if not valid:
         return
     for p in range(B):

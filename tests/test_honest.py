@@ -348,3 +348,16 @@ def test_float16_cost_gradient_beyond_its_range_raises():
     assert bool(torch.isfinite(res.plan).all())
     with pytest.raises(ValueError, match="float16"):
         res.value.backward()
+
+
+def test_unbalanced_potentials_beyond_precision_raise():
+    """Fuzz finding: a cost of 1e6 at eps 3e-4 in fp32, semi-unbalanced; the potentials keep the offset
+    and the plan's exponents were rounding noise (exp(208) from a 0.06 ulp): value NaN, converged False."""
+    cost = torch.full((1, 1), 1e6)
+    with pytest.raises(ValueError, match="precision of torch.float32"):
+        sinkhorn(cost, eps=3e-4, n_iters=1, reach=(1e-4, math.inf))
+    res = sinkhorn(cost.double(), eps=3e-4, n_iters=1, reach=(1e-4, math.inf))
+    assert torch.isfinite(res.value) and torch.isfinite(res.transport_cost)
+    assert torch.allclose(res.plan, torch.ones(1, 1, dtype=torch.float64))
+    # an ordinary unbalanced fp32 problem is far from the limit
+    sinkhorn(torch.rand(20, 30), eps=1e-3, n_iters=50, reach=0.1)

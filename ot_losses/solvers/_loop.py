@@ -101,17 +101,25 @@ def cost_shift(stats, dtype, per_line, unroll=False, shard=D.LOCAL, cost3=None, 
         return finite(lo, 0.0).masked_fill(~big, 0.0).unsqueeze(-1).expand(row_min.shape), None
     keep = big.unsqueeze(-1)
     if isinstance(cost3, torch.Tensor):
-        c = (cost3 if unroll else cost3.detach()).to(dtype)
         a, b = (None, None) if masses is None else masses
+        # One working copy, changed in place: the live columns' row minima, then the column
+        # minima of the row-shifted cost over live rows.
+        with torch.no_grad():
+            work = cost3.detach().to(dtype, copy=True)
+            if b is not None:
+                work.masked_fill_((b <= 0).unsqueeze(-2), math.inf)
+                low, arg = work.min(-1)
         if b is not None:
-            c = c.masked_fill((b <= 0).unsqueeze(-2), math.inf)
-            row_min = shard.low(c.amin(-1), D.COLS)
+            # unroll: the same minima, differentiable (gathered from the cost, no second copy)
+            low = cost3.gather(-1, arg.unsqueeze(-1)).squeeze(-1).to(dtype) if unroll else low
+            row_min = shard.low(low, D.COLS)
         r = finite(row_min, 0.0).masked_fill(~keep, 0.0)
         with torch.no_grad():
-            shifted = c.detach() - r.detach().unsqueeze(-1)
+            work.sub_(r.detach().unsqueeze(-1))
             if a is not None:
-                shifted = shifted.masked_fill((a <= 0).unsqueeze(-1), math.inf)
-            s = shard.low(shifted.amin(-2), D.ROWS)
+                work.masked_fill_((a <= 0).unsqueeze(-1), math.inf)
+            s = shard.low(work.amin(-2), D.ROWS)
+        del work
     else:
         r = finite(row_min, 0.0).masked_fill(~keep, 0.0)
         s = col_min - lo.unsqueeze(-1)

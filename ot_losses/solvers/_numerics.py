@@ -2,6 +2,11 @@
 import torch
 
 
+# Elements per block of the compensated subtraction: its temporaries stay a few MB
+# (and in cache) instead of several N x M buffers.
+_SHIFT_BLOCK = 2 ** 18
+
+
 def shifted_cost(cost, dtype, shift=None):
     """``C_ij - r_i - s_j`` in ``dtype`` (the cost itself when ``shift`` is None).
 
@@ -9,14 +14,26 @@ def shifted_cost(cost, dtype, shift=None):
     error added back after subtracting ``s``: with large row and column
     offsets the shifted entries are small and would otherwise inherit the
     rounding of the large intermediate ``C - r`` (ulp(1e5) = 0.008 in fp32,
-    a 40% plan error at eps = 0.02). Forbidden entries stay ``+inf``.
+    a 40% plan error at eps = 0.02). Forbidden entries stay ``+inf``. The
+    compensated form is computed in blocks of rows, so it allocates the
+    output and block-sized temporaries only.
     """
-    c = cost.to(dtype)
     if shift is None:
-        return c
+        return cost.to(dtype)
     if shift[1] is None:  # one offset per row (or per problem): C_ij - r_i is exact where it matters
-        return c - shift[0].unsqueeze(-1)
+        return cost.to(dtype) - shift[0].unsqueeze(-1)
     r, s = shift[0].unsqueeze(-1), shift[1].unsqueeze(-2)
+    B, N, M = cost.shape
+    rows = N if B * N * M <= _SHIFT_BLOCK else max(1, _SHIFT_BLOCK // (B * M))
+    if rows >= N:
+        return _compensated(cost.to(dtype), r, s)
+    out = torch.empty((B, N, M), dtype=dtype, device=cost.device)
+    for i in range(0, N, rows):
+        out[:, i:i + rows] = _compensated(cost[:, i:i + rows].to(dtype), r[:, i:i + rows], s)
+    return out
+
+
+def _compensated(c, r, s):
     t = c - r
     back = t - c
     err = (c - (t - back)) - (r + back)

@@ -31,6 +31,7 @@ from . import _torch_steps
 from ._numerics import lse, no_mass, shifted_cost
 
 _TAU = {torch.float64: 200.0, torch.float32: 25.0}
+_PROMOTE_BLOCK = 2 ** 18  # elements of a low-precision cost promoted at once
 
 
 class ScalingSteps:
@@ -61,7 +62,7 @@ class ScalingSteps:
         # the working precision of the output (else: an exact step).
         self._tiny_over_u = info.tiny / info.eps
         self._eps = None
-        self._K = self._p = self._q = self._cached = None
+        self._K = self._p = self._q = None
 
     def __getattr__(self, name):
         return getattr(_torch_steps, name)
@@ -84,24 +85,46 @@ class ScalingSteps:
     def _seed_kernel(self, eps):
         p, self._seed = self._seed, None
         B, N, M = self._cost.shape
-        K = torch.sub(p.unsqueeze(-1), self._cost.to(self._dtype))  # forbidden: -inf, then 0
-        self._K = K.mul_(1.0 / eps).exp_()
+        # One pass writes the exponents (forbidden: -inf, then 0), one exponentiates in place.
+        K = self._plus_cost(p.unsqueeze(-1) / eps, -1.0 / eps)
+        self._K = K.exp_()
         self._p, self._q, self._eps = p, torch.zeros((B, M), dtype=self._dtype, device=p.device), eps
 
-    def plan(self, cost, f, g, eps, scale=None, shift=None):
-        """The reference ``plan``, computed as ``K_ij u_i v_j`` from the cached kernel when it can.
+    def _plus_cost(self, x, alpha):
+        """``x + alpha * C`` as a new buffer in the compute dtype: x (B, N, 1) or (B, 1, M).
 
-        ``u = exp((f - p)/eps)``, ``v = exp((g - q)/eps)``; no exp pass over
-        the cost. Falls back to the reference when no kernel is cached for
-        ``eps`` or a scaling exceeds ``exp(tau)`` (a kernel entry that
-        underflowed could then matter).
+        One pass. A low-precision cost goes in row blocks: CPU kernels promote
+        an operand by copying it whole, which would be a second N x M buffer.
         """
-        if self._K is not None and eps == self._eps:
+        cost = self._cost
+        if cost.dtype == self._dtype:
+            return torch.add(x, cost, alpha=alpha)
+        B, N, M = cost.shape
+        out = torch.empty((B, N, M), dtype=self._dtype, device=cost.device)
+        rows = max(1, _PROMOTE_BLOCK // (B * M))
+        for i in range(0, N, rows):
+            xi = x[:, i:i + rows] if x.shape[1] == N else x
+            torch.add(xi, cost[:, i:i + rows], alpha=alpha, out=out[:, i:i + rows])
+        return out
+
+    def plan(self, cost, f, g, eps, scale=None, shift=None):
+        """The reference ``plan``, computed as ``K_ij u_i v_j`` in the cached kernel's own buffer when it can.
+
+        ``u = exp((f - p)/eps)``, ``v = exp((g - q)/eps)``: no exp pass over
+        the cost and no new N x M buffer. The kernel is handed over to the
+        plan and dropped from the cache (the caller owns the plan and may
+        change it in place), so a later step or plan takes the reference
+        path. Falls back to the reference when no kernel is cached for
+        ``eps``, a scaling exceeds ``exp(tau)`` (a kernel entry that
+        underflowed could then matter), or autograd records (``create_graph``).
+        """
+        K = self._K
+        if K is not None and eps == self._eps and not torch.is_grad_enabled():
             u, v = torch.exp((f - self._p) / eps), torch.exp((g - self._q) / eps)
             if float(torch.maximum(u.amax(), v.amax())) <= self._w_max:  # one host sync; NaN fails
-                out = self._K * u.unsqueeze(-1)
-                out.mul_(v.unsqueeze(-2))
-                return out if scale is None else out.mul_(scale.to(out.dtype)[:, None, None])
+                self._K = self._p = self._q = self._eps = None
+                K.mul_(u.unsqueeze(-1)).mul_(v.unsqueeze(-2))
+                return K if scale is None else K.mul_(scale.to(K.dtype)[:, None, None])
         return _torch_steps.plan(cost, f, g, eps, scale=scale, shift=shift)
 
     def _trusted(self, s, hi, n_terms, dead):
@@ -110,36 +133,44 @@ class ScalingSteps:
         return bool((ok if dead is None else ok | dead).all())
 
     def _shifted(self):
-        """The shifted cost; kept when its subtraction is compensated (several passes to redo)."""
-        if self._shift is None or self._shift[1] is None:
-            return shifted_cost(self._cost, self._dtype, self._shift)
-        if self._cached is None:
-            self._cached = shifted_cost(self._cost, self._dtype, self._shift)
-        return self._cached
+        """The shifted cost as a fresh buffer (recomputed, not kept: exact steps are rare)."""
+        return shifted_cost(self._cost, self._dtype, self._shift)
 
-    def _exact_z(self, h, eps, dim):
-        """``(h - C~)/eps`` along ``dim`` as a fresh tensor (``dim=-1``: h is (B, M); ``-2``: (B, N))."""
-        c = self._shifted()
+    def _exact(self, h, eps, dim):
+        """Exact half-step ``eps * lse`` of ``(h - C~)/eps`` along ``dim``; returns ``(out, K)``.
+
+        ``dim=-1``: h is (B, M), out (B, N); ``-2``: h is (B, N), out (B, M).
+        The old kernel is released first and the exponents are written in
+        place and turned into the new kernel ``exp(z - lse) = exp(z - m) / s``
+        (lines of K summing to 1), so the step holds one N x M buffer. An
+        all ``-inf`` line gives ``out = -inf`` and a zero line of K.
+        """
+        self._K = None
         hh = h.unsqueeze(-2) if dim == -1 else h.unsqueeze(-1)
-        return no_mass((hh - c) / eps)
+        if self._shift is None:
+            z = self._plus_cost(hh, -1.0)
+        else:
+            z = self._shifted().sub_(hh).neg_()  # negation is exact: h - C~
+        z = torch.nan_to_num_(z.div_(eps), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+        m = z.amax(dim, keepdim=True)
+        m = m.masked_fill(~torch.isfinite(m), 0.0)
+        s = z.sub_(m).exp_().sum(dim, keepdim=True)
+        out = eps * (torch.log(s) + m).squeeze(dim)
+        return out, z.div_(s.masked_fill(s <= 0, 1.0))
 
     def _transform(self, z_pot, dim, eps):
         """``-eps lse`` of ``(pot - C~)/eps`` along ``dim``: the c-transform making K's lines sum to 1."""
         return -eps * lse(z_pot, dim)
 
-    def _anchor(self, p, q, eps, z, dim):
-        """Reset the anchors to ``p, q`` after an exact step whose exponents were ``z``.
+    def _anchor(self, p, q, eps, K):
+        """Reset the anchors to ``p, q`` and the kernel to ``K`` (from :meth:`_exact`).
 
-        ``z`` is ``(q_j - C_ij)/eps`` (``dim=-1``) or ``(p_i - C_ij)/eps``
-        (``dim=-2``), so the kernel is ``exp(z + other/eps)`` without another
-        pass over the cost. An infinite anchor entry (a zero-mass line, or
-        one with no partner of positive mass) is replaced by the c-transform
-        of the other anchor, so that its line of K sums to 1 instead of
-        overflowing; an all-forbidden line keeps anchor 0 (its K line is 0).
+        An infinite anchor entry (a zero-mass line, or one with no partner of
+        positive mass) is replaced by the c-transform of the other anchor, so
+        that its line of K sums to 1 instead of overflowing; an
+        all-forbidden line keeps anchor 0 (its K line is 0).
         """
         self._eps = eps
-        other = p.unsqueeze(-1) if dim == -1 else q.unsqueeze(-2)
-        K = z.add_(other / eps).exp_()
         bad_p, bad_q = ~torch.isfinite(p), ~torch.isfinite(q)
         if bool(bad_p.any()) or bool(bad_q.any()):
             c = self._shifted()
@@ -167,9 +198,8 @@ class ScalingSteps:
             s = self._bmm(self._K, w.unsqueeze(-1)).squeeze(-1)
             if self._trusted(s, hi, h.shape[-1], self._dead_rows):
                 return eps * torch.log(s) - self._p
-        z = self._exact_z(h, eps, -1)
-        out = eps * lse(z, -1)
-        self._anchor(-out, h, eps, z, -1)
+        out, K = self._exact(h, eps, -1)
+        self._anchor(-out, h, eps, K)
         return out
 
     def col_lse(self, cost, h, eps, shift=None):
@@ -181,7 +211,6 @@ class ScalingSteps:
             s = self._bmm(w.unsqueeze(-2), self._K).squeeze(-2)
             if self._trusted(s, hi, h.shape[-1], self._dead_cols):
                 return eps * torch.log(s) - self._q
-        z = self._exact_z(h, eps, -2)
-        out = eps * lse(z, -2)
-        self._anchor(h, -out, eps, z, -2)
+        out, K = self._exact(h, eps, -2)
+        self._anchor(h, -out, eps, K)
         return out

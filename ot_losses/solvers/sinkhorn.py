@@ -77,22 +77,42 @@ class _SinkhornProblem(Problem):
         return self.shard.sum((r - self.log_a.exp()).abs(), D.ROWS)
 
 
-def _check_representable(problem, eps, dtype, shard):
-    """Unbalanced optima may carry more mass than ``dtype`` holds (costs far below 0 against reach).
+def _check_representable(problem, eps, dtype, shard, stats, shift):
+    """Unbalanced results that ``dtype`` cannot hold are errors, not inf/NaN or noise.
 
-    One row pass: the plan's log-mass; an overflowing plan is an error, not an inf/NaN result.
+    Two limits, one host sync. The plan's mass (one row pass): optima may
+    carry more than ``dtype`` holds (costs far below 0 against reach). The
+    potentials' size: unbalanced problems are not invariant to a constant
+    added to the cost, so the potentials keep the cost's offset, and in
+    ``(f_i + g_j - C_ij) / eps`` its rounding alone (``u * size / eps``)
+    can exceed 1: the plan would then be rounding noise.
     """
+    def top(x):
+        return torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x)).amax(-1)
+
     with torch.no_grad():
         lr = problem._row_pass(eps)
         log_rows = no_mass(fold(problem.f + lr, problem.log_a, eps) / eps)
         log_mass = shard.lse(log_rows, D.ROWS)
+        # the cost's extreme allowed entries, over the whole problem on every rank
+        lo = -shard.peak_all(torch.where(torch.isfinite(stats[0]), -stats[0], -math.inf).amax(-1))
+        hi = shard.peak_all(torch.where(torch.isfinite(stats[1]), stats[1], -math.inf).amax(-1))
+        off = 0.0 if shift is None else shift[0][..., 0]
+        size = torch.maximum((lo - off).abs(), (hi - off).abs()).to(dtype).nan_to_num(0.0, 0.0, 0.0)
+        size = size + shard.peak(top(problem.f), D.ROWS) + shard.peak(top(problem.g), D.COLS)
+        noise = torch.finfo(dtype).eps * size / eps
+        mass_max, noise_max, size_max = torch.stack([log_mass.max(), noise.max(), size.max()]).tolist()
     limit = math.log(torch.finfo(dtype).max)
-    if bool((log_mass > limit).any()):
-        hint = ", or use float64" if dtype != torch.float64 else ""
-        raise ValueError(f"cost and reach give an unbalanced plan whose mass, "
-                         f"exp({float(log_mass.max()):.4g}), exceeds the largest {dtype} (exp({limit:.4g})): "
-                         f"the cost is far below 0 relative to reach; add a constant to the cost or raise "
-                         f"reach{hint}")
+    hint = ", or use float64" if dtype != torch.float64 else ""
+    if not mass_max <= limit:
+        raise ValueError(f"cost and reach give an unbalanced plan whose mass, exp({mass_max:.4g}), exceeds "
+                         f"the largest {dtype} (exp({limit:.4g})): the cost is far below 0 relative to "
+                         f"reach; add a constant to the cost or raise reach{hint}")
+    if noise_max > 1:
+        raise ValueError(f"unbalanced potentials and cost entries of size {size_max:.4g} at eps={eps:.4g} "
+                         f"exceed the precision of {dtype}: the plan's exponents (f_i + g_j - C_ij)/eps "
+                         f"carry a rounding error of up to {noise_max:.3g} (an unbalanced problem keeps "
+                         f"the cost's offset in its potentials); use a larger eps{hint}")
 
 
 def _kl(r, log_ratio, w):
@@ -266,7 +286,7 @@ def sinkhorn(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[torch
         iters, err = run_loop(problem, eps, n_iters, tol, schedule, "sinkhorn")
     f, g = problem.f, problem.g  # outside "unroll" the loop ran without grad: already detached
     if rho is not None:
-        _check_representable(problem, eps, dtype, shard)
+        _check_representable(problem, eps, dtype, shard, stats, shift)
     scale = ma.detach() if rho is None else torch.full_like(err, eps)
     fo, go = in_cost_units(f, g, shift)
     return SinkhornResult(
