@@ -87,6 +87,8 @@ def test_rows_have_finite_times_and_the_same_problem(quick_run):
             for field in ("median_ms", "p20_ms", "p80_ms", "ms_per_iter", "gbps", "frac_copy_bw"):
                 assert math.isfinite(r[field]) and r[field] > 0, (key, r["contender"], field, r[field])
             assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], (key, r["contender"])
+            if os.path.exists("/proc/self/clear_refs"):  # peak memory of one call, its result included
+                assert r["peak_mib"] is not None and r["peak_mib"] >= 0, (key, r["contender"])
             if r["contender"] != core.BASELINE:
                 assert r["speedup"] is not None and r["speedup"] > 0
             if not r["reduced_iters"]:

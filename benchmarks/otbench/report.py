@@ -39,13 +39,13 @@ def _fmt(v, spec):
 
 
 COLUMNS = ["contender", "input", "iters", "median ms [p20-p80]", "ms/iter", "x vs naive",
-           "GB/s", "% copy", "|f-f_ref|", "plan rel err", "marg err", "check"]
+           "GB/s", "% copy", "peak MiB", "|f-f_ref|", "plan rel err", "marg err", "check"]
 
 
 def row_cells(r):
     if r["status"] != "ok":
         return [r["contender"], r["inputs"], str(r["n_iters"]), "ERROR: " + (r["error"] or ""),
-                "", "", "", "", "", "", "", "error"]
+                "", "", "", "", "", "", "", "", "error"]
     iters = str(r["n_iters"]) + ("*" if r.get("reduced_iters") else "")
     if r["inputs"] == "points":
         iters = "own"
@@ -56,6 +56,7 @@ def row_cells(r):
             _fmt(r.get("speedup_per_call") if r["inputs"] == "points" else r.get("speedup"), ".2f"),
             "-" if r["inputs"] == "points" else _fmt(r["gbps"], ".3g"),
             "-" if r["inputs"] == "points" or not r["frac_copy_bw"] else _fmt(100 * r["frac_copy_bw"], ".1f"),
+            _fmt(r.get("peak_mib"), ".3g"),
             _fmt(r["err_f"], ".1e"), _fmt(r["err_plan"], ".1e"), _fmt(r["err_marg"], ".1e"), check]
 
 
@@ -104,6 +105,9 @@ NOTES = [
     "0.5|x-y|^2 themselves (blur = sqrt(eps), debias=False); their time per call is what compares.",
     "SwAV rows time the full Q = B * plan^T (3 iterations + forming Q) for every contender; time per "
     "iteration = call / 3.",
+    "peak MiB: memory one call holds at its peak beyond its inputs, result included (CUDA: the "
+    "allocator's peak; CPU: the resident-set high-water mark with a fixed mmap threshold, so freed "
+    "buffers do not count).",
 ]
 
 

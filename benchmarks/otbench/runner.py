@@ -9,7 +9,7 @@ from .agreement import TOLERANCES, agreement, reference
 from .contenders import make_contenders
 from .core import BASELINE
 from .scenarios import Problem
-from .timing import TimingConfig, time_cpu_interleaved, time_cuda
+from .timing import TimingConfig, peak_memory, time_cpu_interleaved, time_cuda
 
 
 def run_problem(p: Problem, device, cfg: TimingConfig, copy_gbps, progress=None, only=None):
@@ -41,6 +41,14 @@ def run_problem(p: Problem, device, cfg: TimingConfig, copy_gbps, progress=None,
         timed = time_cpu_interleaved({n: contenders[n] for n in run_order}, p.n_iters, cfg,
                                      progress=(lambda m: progress(f"{tag}: {m}")) if progress else None)
     for name in run_order:
+        st = timed[name]
+        st["peak"] = None
+        if st["error"] is None:
+            try:
+                st["peak"] = peak_memory(contenders[name].fn, st["n_used"], device)
+            except Exception:  # memory is reported where it can be measured; timing already ran
+                pass
+    for name in run_order:
         c, st = contenders[name], timed[name]
         row = dict(scenario=p.scenario, kind=p.kind, size=p.label, shape=list(p.shape), dtype=p.dtype,
                    eps=p.eps, contender=name, inputs=c.inputs, same_iterates=c.same_iterates,
@@ -60,6 +68,7 @@ def run_problem(p: Problem, device, cfg: TimingConfig, copy_gbps, progress=None,
             row.update(n_iters=n_used, reduced_iters=n_used != p.n_iters, repeats=repeats,
                        median_ms=1e3 * med, p20_ms=1e3 * lo, p80_ms=1e3 * hi, min_ms=fastest,
                        ms_per_iter=1e3 * med / n_used)
+            row["peak_mib"] = None if st["peak"] is None else st["peak"] / 2 ** 20
             row["gbps"] = p.bytes_per_iter / (med / n_used) / 1e9
             row["frac_copy_bw"] = row["gbps"] / copy_gbps if copy_gbps else None
             sol = c.solution(raw)

@@ -1,5 +1,7 @@
-"""Timers: CPU ``perf_counter`` with interleaved repeats, CUDA ``do_bench``; device copy bandwidth."""
+"""Timers: CPU ``perf_counter`` with interleaved repeats, CUDA ``do_bench``; copy bandwidth; peak memory."""
+import ctypes
 import dataclasses
+import os
 import time
 import traceback
 
@@ -141,3 +143,46 @@ def copy_bandwidth(device, nbytes=None):
             ts.append(time.perf_counter() - t0)
         sec = float(np.median(ts))
     return 2 * nbytes / sec / 1e9
+
+
+def _status(key):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+_CPU_PEAK = os.path.exists("/proc/self/clear_refs")
+if _CPU_PEAK:
+    try:
+        # Freed large blocks go back to the system at once, so the RSS high-water mark is live memory.
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except OSError:
+        _CPU_PEAK = False
+
+
+def peak_memory(fn, n_iters, device):
+    """Bytes one call of ``fn(n_iters)`` holds at its peak beyond what existed before (result included).
+
+    CUDA: the allocator's peak. CPU (Linux): the resident-set high-water mark
+    (reset through ``/proc/self/clear_refs``) with a fixed mmap threshold; None elsewhere.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        raw = fn(n_iters)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del raw
+        return peak
+    if not _CPU_PEAK:
+        return None
+    base = _status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    raw = fn(n_iters)
+    peak = _status("VmHWM:") - base
+    del raw
+    return max(peak, 0)
