@@ -132,6 +132,31 @@ def test_swamp_queue_joins_the_problem():
     assert torch.allclose(det.q_a, ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_swamp_large_queue_streams_from_features(monkeypatch, normalize):
+    """A queue whose scores would exceed STREAM_QUEUE_BYTES is solved on a FeatureCost: same loss, targets."""
+    torch.manual_seed(3)
+    z_a, z_b = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+    c, qa, qb = (torch.randn(n, 8, dtype=torch.float64) for n in (5, 30, 20))
+    kw = dict(queue_a=qa, queue_b=qb, normalize=normalize, return_details=True, eps=0.1, **DEV)
+    dense_loss, dense = swamp_loss(z_a, z_b, c, **kw)
+    kinds = []
+    real = swamp_mod.sinkhorn
+
+    def spy(cost, *args, **kwargs):
+        kinds.append(type(cost).__name__)
+        return real(cost, *args, **kwargs)
+    monkeypatch.setattr(swamp_mod, "sinkhorn", spy)
+    monkeypatch.setattr(swamp_mod, "STREAM_QUEUE_BYTES", 0)
+    loss, det = swamp_loss(z_a, z_b, c, **kw)
+    assert kinds == ["FeatureCost", "FeatureCost"]
+    assert abs(float(loss - dense_loss)) <= 1e-12 * abs(float(dense_loss))
+    for got, want in ((det.q_a, dense.q_a), (det.q_b, dense.q_b)):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-13)
+        assert torch.allclose(got.sum(1), torch.ones(6, dtype=torch.float64))
+    assert abs(det.marginal_error_a - dense.marginal_error_a) <= 1e-12
+
+
 def test_swamp_gradients_reach_embeddings_and_prototypes_not_targets():
     z_a = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
     z_b = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
