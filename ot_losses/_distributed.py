@@ -175,7 +175,9 @@ class Shard(Local):
         return m + scale * torch.log(s)
 
     def steps(self, steps):
-        return ShardedSteps(steps, self)
+        # The updates apply after the cross-rank combine: torch ops around the combined steps.
+        from .solvers._update import Composed
+        return Composed(ShardedSteps(steps, self), self)
 
     def size(self, cost3, dim):
         return self.global_size if dim == self.dim else cost3.shape[dim]
