@@ -110,7 +110,7 @@ def test_one_launch_per_half_step(counter, name):
     for op in o0:  # the per-iteration ops: what the longer run did in addition
         if op in extra:
             extra.remove(op)
-    assert ops <= 2 * 10, f"{name}: {ops / 10} aten ops per iteration besides the launches: {sorted(set(extra))}"
+    assert ops <= 2 * 10, f"{name}: {ops / 10} aten ops per iteration besides launches: {sorted(set(extra))}"
 
 
 def test_fused_small_path_is_one_launch_per_call(counter):

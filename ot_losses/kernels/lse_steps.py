@@ -338,17 +338,11 @@ def _lse(cost, h, p, eps, by_row, sigmoid, shift, update=None):
     out = torch.empty((B, n_out), dtype=h.dtype, device=h.device)
     mass_in = u is not None and u.log_mass is not None
     mass_out = u is not None and u.t is not None
-    t_buf = w_buf = None
-    if mass_in or mass_out:
-        t_buf, w_buf = u.out if u.out is not None else (None, None)
-    if mass_in and t_buf is None:
-        t_buf = torch.empty((B,), dtype=h.dtype, device=h.device)
-    if mass_out:
-        if w_buf is None:
-            w_buf = torch.empty_like(out)
-        elif w_buf.stride() != out.stride():
-            raise ValueError(f"update.out[1] (w) must be contiguous (B, {n_out}); got strides {w_buf.stride()}")
-    out2 = torch.empty_like(out) if sigmoid and (u is None or u.bias is None) else w_buf if mass_out else out
+    t_buf, w_buf = _scratch(u, out) if mass_in or mass_out else (None, None)
+    if sigmoid:
+        out2 = torch.empty_like(out) if u is None else out  # with a bias only the new potential
+    else:
+        out2 = w_buf if mass_out else out
     heavy = sigmoid and h.dtype == torch.float64
     BLOCK_R, BLOCK_K, num_warps = _lse_blocks(B, n_out, K + dummy, s_r, s_k, cost.element_size(), heavy)
     n_rblocks = triton.cdiv(n_out, BLOCK_R)
@@ -397,44 +391,59 @@ def _shift_operands(shift):
     return [("shift[0] (r)", shift[0])], ([] if shift[1] is None else [("shift[1] (s)", shift[1])])
 
 
-def _update_operands(cost, h_name, h, update, by_row, sigmoid):
-    """Operand lists ``(rows, cols, batch)`` of ``update`` for ``_check_operands``; checks the fields' use.
+def _scratch(update, out):
+    """``(t, w)`` outputs of a mass update: the caller's ``update.out`` where given, else new tensors."""
+    t, w = update.out if update.out is not None else (None, None)
+    B, R = out.shape
+    for name, x, shape in (("update.out[0] (t)", t, (B,)), ("update.out[1] (w)", w, (B, R))):
+        # w shares the output's strides in the kernel: both contiguous
+        if x is not None and (tuple(x.shape) != shape or x.dtype != out.dtype or x.device != out.device
+                              or not x.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous {shape} tensor of the potentials' dtype, device")
+    if update.log_mass is not None and t is None:
+        t = torch.empty((B,), dtype=out.dtype, device=out.device)
+    if update.t is not None and w is None:
+        w = torch.empty_like(out)
+    return t, w
 
-    With ``update.dummy`` the potential ``h`` and ``elog_h`` carry the dummy line
-    (one more entry than the cost's side), so they are checked here, not there.
+
+def _update_operands(cost, h_name, h, update, by_row, sigmoid):
+    """Operand lists ``(rows, cols, batch)`` for ``_check_operands``: ``h`` and ``update``'s tensors.
+
+    Also checks which fields go together. With ``update.dummy`` the potential
+    ``h`` and ``elog_h`` carry the dummy line (one more entry than the cost's
+    side), so they are checked here, not there.
     """
     if update is None:
         return ([], [(h_name, h)], []) if by_row else ([(h_name, h)], [], [])
     u = update
-    if sigmoid != (u.bias is not None) or (sigmoid and (u.elog_h is not None or u.elog_cap is not None
-                                                        or u.log_mass is not None or u.t is not None or u.dummy)):
-        raise ValueError("update: the sigmoid steps take only bias, the log-sum-exp steps everything but bias")
+    lse_only = (u.elog_h, u.elog_cap, u.log_mass, u.t)
+    if sigmoid != (u.bias is not None) or (sigmoid and (any(x is not None for x in lse_only) or u.dummy)):
+        raise ValueError("update: the sigmoid steps take only bias, the log-sum-exp steps all but bias")
     if (u.log_mass is None) != (u.w is None) or (u.log_mass is not None and u.t is not None):
         raise ValueError("update: log_mass and w go together (row pass of a mass), t without them")
     if u.dummy and (u.log_mass is not None or u.t is not None or u.damp_offset):
         raise ValueError("update: dummy does not combine with a mass or a damping offset")
-    reduced, kept = ([], []), []
-    for name, x in (("update.elog_h", u.elog_h), ("update.w", u.w)):
-        if x is not None:
-            reduced[0].append((name, x))
-    for name, x in (("update.elog_cap", u.elog_cap), ("update.bias", u.bias)):
-        if x is not None:
-            kept.append((name, x))
-    batch = [(n, x) for n, x in (("update.log_mass", u.log_mass), ("update.t", u.t)) if x is not None]
-    red = [(h_name, h)] + reduced[0]
-    if u.dummy:  # extended sides: check shapes here
+
+    def given(*pairs):
+        return [(name, x) for name, x in pairs if x is not None]
+    reduced = given((h_name, h), ("update.elog_h", u.elog_h), ("update.w", u.w))
+    kept = given(("update.elog_cap", u.elog_cap), ("update.bias", u.bias))
+    batch = given(("update.log_mass", u.log_mass), ("update.t", u.t))
+    if u.dummy:
         B, N, M = cost.shape
         K, R = (M, N) if by_row else (N, M)
-        for name, x in red:
-            if tuple(x.shape) != (B, K + 1):
-                raise ValueError(f"{name} must have shape {(B, K + 1)} with update.dummy; got {tuple(x.shape)}")
-        for name, x in kept:
-            if tuple(x.shape) != (B, R + 1):
-                raise ValueError(f"{name} must have shape {(B, R + 1)} with update.dummy; got {tuple(x.shape)}")
-        if h.dtype not in COMPUTE_DTYPES or any(x.dtype != h.dtype or x.device != h.device for _, x in red + kept):
-            raise ValueError(f"{h_name} and the update's tensors must share a float32/float64 dtype and device")
+        for names, n in ((reduced, K + 1), (kept, R + 1)):
+            for name, x in names:
+                if tuple(x.shape) != (B, n):
+                    raise ValueError(f"{name} must have shape {(B, n)} with update.dummy; "
+                                     f"got {tuple(x.shape)}")
+        if h.dtype not in COMPUTE_DTYPES or any(x.dtype != h.dtype or x.device != h.device
+                                                for _, x in reduced + kept):
+            raise ValueError(f"{h_name} and the update's tensors must share a float32/float64 dtype "
+                             f"and a device")
         return [], [], batch
-    return (kept, red, batch) if by_row else (red, kept, batch)
+    return (kept, reduced, batch) if by_row else (reduced, kept, batch)
 
 
 def row_lse(cost, h, eps, shift=None, update=None):

@@ -80,7 +80,8 @@ def finish(L, eps, update, off=None):
     if update.damp_offset and off is not None:
         new = new - (1 - update.damp) * off
     if update.elog_cap is not None:
-        new = torch.minimum(torch.zeros((), dtype=new.dtype, device=new.device), fold_in(new, update.elog_cap))
+        zero = torch.zeros((), dtype=new.dtype, device=new.device)
+        new = torch.minimum(zero, fold_in(new, update.elog_cap))
     if update.t is not None:
         return new, no_mass((new + L) / eps)
     return new

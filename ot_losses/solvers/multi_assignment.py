@@ -61,7 +61,8 @@ class _MultiAssignmentProblem(Problem):
                                                 update=rows_update)
         else:
             self.u = sigmoid_finish(rows[0], rows[1], self.u, rows_update)
-        self.v = self.steps.col_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift, update=cols_update)
+        self.v = self.steps.col_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift,
+                                            update=cols_update)
 
     def error(self, eps):
         # The per-cell bound moves X after each update: neither side is exact, measure both.

@@ -53,7 +53,7 @@ class _SinkhornProblem(Problem):
     def updates(self, eps):
         """The row and column updates at ``eps``: loop invariants, rebuilt only when eps changes."""
         if eps != self._eps:
-            da, db = (1.0, 1.0) if self.rho is None else (_damping(self.rho[0], eps), _damping(self.rho[1], eps))
+            da, db = (1.0, 1.0) if self.rho is None else (_damping(r, eps) for r in self.rho)
             # shifted form of the damped row update (one offset, in r): f~ = -d L~ - (1 - d) r
             self._updates = (Update(elog_h=eps * self.log_b, damp=da, damp_offset=self.rho is not None),
                              Update(elog_h=eps * self.log_a, damp=db))
