@@ -99,6 +99,7 @@ def _drive():
         r = sinkhorn(c, eps=0.1, **kw)
         r.plan, r.value, r.log_plan
         sinkhorn(c[:12, :9], eps=0.1, **kw).plan                    # fused single-launch kernel
+    sinkhorn(torch.rand(150, 170, generator=g) + 1e5, eps=0.1, **kw)  # row and column offsets, streaming
     c = torch.rand(40, 60, generator=g)
     sinkhorn(c + 1e5, eps=0.1, **kw).plan                           # cost offsets
     sinkhorn(c, torch.full((40,), 1 / 40), torch.full((60,), 1.5 / 60), eps=0.1, reach=1.0, **kw).value

@@ -392,9 +392,10 @@ def _shift_operands(shift):
 
 
 def _scratch(update, out):
-    """``(t, w)`` outputs of a mass update: the caller's ``update.out`` where given, else new tensors."""
+    """``(t, w)`` outputs of a mass update (row pass: t, column pass: w): ``update.out``'s, or new tensors."""
     t, w = update.out if update.out is not None else (None, None)
     B, R = out.shape
+    t, w = (t, None) if update.log_mass is not None else (None, w)
     for name, x, shape in (("update.out[0] (t)", t, (B,)), ("update.out[1] (w)", w, (B, R))):
         # w shares the output's strides in the kernel: both contiguous
         if x is not None and (tuple(x.shape) != shape or x.dtype != out.dtype or x.device != out.device
