@@ -246,7 +246,9 @@ class ShardedSteps:
     :meth:`Shard.combine_lse`. ``plan``/``log_plan`` stay local (the local
     block of the global plan); ``plan_cost`` sums over every rank. The
     fused small-problem kernel runs many iterations without communicating,
-    so it is reported unsupported.
+    so it is reported unsupported. Updates (``update=``) apply only after the
+    combine, so :meth:`Shard.steps` wraps this in ``_update.Composed``
+    (torch ops around the combined steps) instead of fusing them.
     """
 
     def __init__(self, steps, shard):

@@ -12,6 +12,13 @@ one program per ``BLOCK_R`` outputs:
   ``z = (u_i + v_j - C_ij) / eps`` two accumulators in the same pass,
   ``lse log sigmoid(z)`` and ``lse log sigmoid(-z)``. A new problem type is a
   new term in the loop body behind a constexpr flag, not a new kernel.
+- with ``update=`` (``solvers/_update.Update``) the solver's O(N + M) work
+  around the log-sum-exp runs in the same launch: the reduced side's
+  weights folded into ``h`` as it is loaded, the mass multiplier of the
+  partial problem from an O(K) pre-pass, the dummy line of the dummy
+  partial problem as extra tile entries, and the new potential (sign,
+  damping, cap, bias) written in the epilogue. A solver iteration is then
+  two launches and their two output tensors, nothing else.
 
 ``log_plan``, ``plan`` and ``plan_cost`` live in ``kernels/plan.py`` and are
 re-exported here so that this module is the complete step namespace.
