@@ -38,11 +38,11 @@ def make_steps(backend, grad, cost3, dtype, shift, forbidden, scaled=True, row_m
     ``grad="unroll"`` keeps the plain differentiable reference steps; the torch
     backend otherwise uses the cached-kernel fast path when ``scaled``
     (seeded from ``row_min`` when given). Every namespace returned takes
-    ``update=`` (``_update.Update``): the dense steps natively (fused in the
-    Triton kernels), the others through torch ops around their steps.
+    ``update=`` (``_update.Update``): fused in the dense Triton kernels, as
+    torch ops around the log-sum-exp elsewhere.
     """
     if not isinstance(cost3, torch.Tensor):   # a cost kind (FeatureCost) brings its own reductions
-        return Composed(cost3.steps(backend))
+        return cost3.steps(backend)
     if backend == "torch" and grad != "unroll" and scaled:
         return Composed(ScalingSteps(cost3.detach(), dtype, shift, forbidden, row_min))
     return get_steps(backend)

@@ -116,6 +116,29 @@ def sigmoid_update(plain, cost, u, v, eps, shift, update, by_row):
     return sigmoid_finish(l1, l0, u if by_row else v, update)
 
 
+def takes_update(by_row, sigmoid=False):
+    """Decorator: a plain half-step given the ``update=`` parameter, applied by torch ops (not fused).
+
+    For the namespaces whose twins share ``_torch_steps``' signatures (the
+    feature-cost steps); the wrapper keeps the plain step's name and docstring.
+    """
+    def wrap(plain):
+        if sigmoid:
+            def step(cost, u, v, eps, shift=None, update=None):
+                if update is None:
+                    return plain(cost, u, v, eps, shift=shift)
+                return sigmoid_update(plain, cost, u, v, eps, shift, update, by_row)
+        else:
+            def step(cost, h, eps, shift=None, update=None):  # type: ignore[misc]
+                if update is None:
+                    return plain(cost, h, eps, shift=shift)
+                return lse_update(plain, cost, h, eps, shift, update, by_row)
+        for attr in ("__name__", "__qualname__", "__doc__", "__module__"):
+            setattr(step, attr, getattr(plain, attr))
+        return step
+    return wrap
+
+
 class Composed:
     """A half-step namespace without fused updates, given ``update=`` by torch ops around its steps.
 
