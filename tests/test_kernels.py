@@ -280,6 +280,25 @@ def test_update_matches_torch_twin(kind, shifted, shape, layout, dtypes, eps):
     assert not any(bool(x.isnan().any()) for x in outs)
 
 
+@pytest.mark.parametrize("kind", UPDATE_KINDS)
+def test_update_narrow_tiles_match_torch_twin(kind, monkeypatch):
+    """The GPU's small-grid tiles: many programs per problem share the mass pre-pass and the dummy line."""
+    monkeypatch.setattr(K, "MIN_PROGRAMS", 512)
+    B, N, M, eps = 2, 33, 130, 0.1
+    cost = make_cost((B, N, M), "T", torch.float32)
+    f, g = make_potentials((B, N, M), "T", torch.float32, zero_mass=0.0 if kind == "multi" else 0.1)
+    if kind == "dummy":
+        f, g = (torch.cat([x, torch.randn(B, 1)], -1) for x in (f, g))
+    rows, cols = _updates(kind, B, N, M, torch.float32, eps)
+    if kind == "multi":
+        got = K.row_sigmoid_lse(cost, f, g, eps, update=rows), K.col_sigmoid_lse(cost, f, g, eps, update=cols)
+        ref = T.row_sigmoid_lse(cost, f, g, eps, update=rows), T.col_sigmoid_lse(cost, f, g, eps, update=cols)
+    else:
+        got = K.row_lse(cost, g, eps, update=rows), K.col_lse(cost, f, eps, update=cols)
+        ref = T.row_lse(cost, g, eps, update=rows), T.col_lse(cost, f, eps, update=cols)
+    assert_rel_close(got, ref, 1e-5, kind)
+
+
 def test_update_writes_the_given_buffers():
     """A mass update's t and w go into the caller's scratch tensors, which are returned (no allocation)."""
     B, N, M, eps = 2, 7, 33, 0.1
