@@ -42,7 +42,7 @@ class _BregmanProblem(Problem):
         self.f = cost.new_zeros((B, N), dtype=log_a.dtype)
         self.g = cost.new_zeros((B, M), dtype=log_a.dtype)
         self.w = no_mass((self.g + steps.col_lse(cost, self.f, eps, shift=shift)) / eps)
-        self._eps = eps  # the eps of w
+        self._eps = eps  # the eps of w (partial_ot has no eps schedule: one eps throughout)
         self._old = None
         self._elog = (None, None, None)
 
