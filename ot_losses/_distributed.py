@@ -175,7 +175,9 @@ class Shard(Local):
         return m + scale * torch.log(s)
 
     def steps(self, steps):
-        return ShardedSteps(steps, self)
+        # The updates apply after the cross-rank combine: torch ops around the combined steps.
+        from .solvers._update import Composed
+        return Composed(ShardedSteps(steps, self), self)
 
     def size(self, cost3, dim):
         return self.global_size if dim == self.dim else cost3.shape[dim]
@@ -244,7 +246,9 @@ class ShardedSteps:
     :meth:`Shard.combine_lse`. ``plan``/``log_plan`` stay local (the local
     block of the global plan); ``plan_cost`` sums over every rank. The
     fused small-problem kernel runs many iterations without communicating,
-    so it is reported unsupported.
+    so it is reported unsupported. Updates (``update=``) apply only after the
+    combine, so :meth:`Shard.steps` wraps this in ``_update.Composed``
+    (torch ops around the combined steps) instead of fusing them.
     """
 
     def __init__(self, steps, shard):

@@ -99,13 +99,18 @@ def _drive():
         r = sinkhorn(c, eps=0.1, **kw)
         r.plan, r.value, r.log_plan
         sinkhorn(c[:12, :9], eps=0.1, **kw).plan                    # fused single-launch kernel
+    sinkhorn(torch.rand(150, 170, generator=g) + 1e5, eps=0.1, **kw)  # row and column offsets, streaming
     c = torch.rand(40, 60, generator=g)
     sinkhorn(c + 1e5, eps=0.1, **kw).plan                           # cost offsets
     sinkhorn(c, torch.full((40,), 1 / 40), torch.full((60,), 1.5 / 60), eps=0.1, reach=1.0, **kw).value
     sinkhorn(c.expand(2, 40, 60), eps=0.1, **kw).plan
+    sinkhorn(c + 1e5, torch.full((40,), 1 / 40), torch.full((60,), 1.5 / 60), eps=0.1, reach=1.0,
+             **kw).plan                                             # damped update with its offset term
     for method in ("bregman", "dummy"):
         partial_ot(c, mass=0.5, eps=0.1, method=method, **kw).plan
+        partial_ot(c + 1e5, mass=0.5, eps=0.1, method=method, **kw).plan
     multi_assignment_sinkhorn(-c[:, :8], 2, eps=0.1, **kw).assignment
+    multi_assignment_sinkhorn(1e5 - c[:, :8], 2, eps=0.1, **kw).assignment
     for dtype in (torch.float32, torch.bfloat16):
         x, y = torch.randn(30, 20, generator=g).to(dtype), torch.randn(25, 20, generator=g).to(dtype)
         for kind in ("sqeuclidean", "dot"):

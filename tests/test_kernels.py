@@ -12,6 +12,7 @@ import torch
 from conftest import requires_cuda
 from ot_losses.kernels import lse_steps as K
 from ot_losses.solvers import _torch_steps as T
+from ot_losses.solvers._update import Update
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # numpy log(0), interpreter
 
@@ -226,6 +227,105 @@ def test_same_names_and_signatures_as_torch_twins():
     for name in twins:
         assert hasattr(K, name), f"lse_steps lacks {name}"
         assert inspect.signature(getattr(K, name)) == inspect.signature(getattr(T, name)), name
+
+
+# ----------------------------------------------------------------------------- fused updates
+def _updates(kind, B, N, M, dtype, eps):
+    """(row-pass, column-pass) ``Update``s of one solver kind, with zero weights and infinite biases."""
+    la, lb = (torch.randn(B, n, dtype=dtype) for n in (N, M))
+    la[0, 0], lb[-1, -1] = -INF, -INF
+    if kind == "sinkhorn":
+        return Update(elog_h=eps * lb), Update(elog_h=eps * la)
+    if kind == "damped":
+        return Update(elog_h=eps * lb, damp=0.7, damp_offset=True), Update(elog_h=eps * la, damp=0.6)
+    if kind == "bregman":
+        w = torch.randn(B, M, dtype=dtype).masked_fill(lb.isneginf(), -INF)
+        return (Update(elog_cap=eps * la, log_mass=torch.randn(B, dtype=dtype), w=w),
+                Update(elog_cap=eps * lb, t=torch.randn(B, dtype=dtype)))
+    if kind == "dummy":
+        ext = [torch.cat([x, torch.randn(B, 1, dtype=dtype)], -1) for x in (la, lb)]
+        return Update(elog_h=eps * ext[1], dummy=True), Update(elog_h=eps * ext[0], dummy=True)
+    bias = eps * torch.randn(B, M, dtype=dtype)
+    bias[0, 0], bias[-1, -1] = INF, -INF  # a full and an empty column
+    return Update(bias=torch.full((), 0.3, dtype=dtype).expand(B, N)), Update(bias=bias)
+
+
+UPDATE_KINDS = ["sinkhorn", "damped", "bregman", "dummy", "multi"]
+UPDATE_CASES = [CASES[i] for i in (1, 2, 5, 8, 10)]
+
+
+@pytest.mark.parametrize("kind", UPDATE_KINDS)
+@pytest.mark.parametrize("shifted", ["none", "r", "rs"])
+@pytest.mark.parametrize("shape, layout, dtypes, eps", UPDATE_CASES)
+def test_update_matches_torch_twin(kind, shifted, shape, layout, dtypes, eps):
+    """Each solver's fused update (the kernel epilogue) against the torch composition."""
+    cost_dtype, dtype, rtol = dtypes
+    B, N, M = shape
+    cost = make_cost(shape, layout, cost_dtype)
+    # multi-assignment potentials are finite (u = -inf meets log sigmoid = -inf: NaN in either twin)
+    f, g = make_potentials(shape, layout, dtype, zero_mass=0.0 if kind == "multi" else 0.1)
+    if kind == "dummy":
+        f, g = (torch.cat([x, torch.randn(B, 1, dtype=dtype)], -1) for x in (f, g))
+    shift = {"none": None, "r": (torch.rand(B, N, dtype=dtype), None),
+             "rs": (torch.rand(B, N, dtype=dtype), torch.rand(B, M, dtype=dtype))}[shifted]
+    rows, cols = _updates(kind, B, N, M, dtype, eps)
+    if kind == "multi":
+        pairs = [(m.row_sigmoid_lse(cost, f, g, eps, shift, update=rows),
+                  m.col_sigmoid_lse(cost, f, g, eps, shift, update=cols)) for m in (K, T)]
+    else:
+        pairs = [(m.row_lse(cost, g, eps, shift, update=rows), m.col_lse(cost, f, eps, shift, update=cols))
+                 for m in (K, T)]
+    assert_rel_close(pairs[0], pairs[1], rtol, kind)
+    outs = [x for pair in pairs[0] for x in (pair if isinstance(pair, tuple) else (pair,))]
+    assert not any(bool(x.isnan().any()) for x in outs)
+
+
+@pytest.mark.parametrize("kind", UPDATE_KINDS)
+def test_update_narrow_tiles_match_torch_twin(kind, monkeypatch):
+    """The GPU's small-grid tiles: many programs per problem share the mass pre-pass and the dummy line."""
+    monkeypatch.setattr(K, "MIN_PROGRAMS", 512)
+    B, N, M, eps = 2, 33, 130, 0.1
+    cost = make_cost((B, N, M), "T", torch.float32)
+    f, g = make_potentials((B, N, M), "T", torch.float32, zero_mass=0.0 if kind == "multi" else 0.1)
+    if kind == "dummy":
+        f, g = (torch.cat([x, torch.randn(B, 1)], -1) for x in (f, g))
+    rows, cols = _updates(kind, B, N, M, torch.float32, eps)
+    if kind == "multi":
+        got = K.row_sigmoid_lse(cost, f, g, eps, update=rows), K.col_sigmoid_lse(cost, f, g, eps, update=cols)
+        ref = T.row_sigmoid_lse(cost, f, g, eps, update=rows), T.col_sigmoid_lse(cost, f, g, eps, update=cols)
+    else:
+        got = K.row_lse(cost, g, eps, update=rows), K.col_lse(cost, f, eps, update=cols)
+        ref = T.row_lse(cost, g, eps, update=rows), T.col_lse(cost, f, eps, update=cols)
+    assert_rel_close(got, ref, 1e-5, kind)
+
+
+def test_update_writes_the_given_buffers():
+    """A mass update's t and w go into the caller's scratch tensors, which are returned (no allocation)."""
+    B, N, M, eps = 2, 7, 33, 0.1
+    cost = make_cost((B, N, M), "contig", torch.float32)
+    f, g = make_potentials((B, N, M), "contig", torch.float32)
+    rows, cols = _updates("bregman", B, N, M, torch.float32, eps)
+    out = (torch.empty(B), torch.empty(B, M))
+    new_f, t = K.row_lse(cost, g, eps, update=rows._replace(out=out))
+    new_g, w = K.col_lse(cost, f, eps, update=cols._replace(out=out))
+    assert t is out[0] and w is out[1]
+    assert_rel_close((new_f, t), T.row_lse(cost, g, eps, update=rows), 1e-5)
+    assert_rel_close((new_g, w), T.col_lse(cost, f, eps, update=cols), 1e-5)
+
+
+def test_update_errors():
+    cost = torch.rand(2, 7, 33)
+    f, g = torch.zeros(2, 7), torch.zeros(2, 33)
+    with pytest.raises(ValueError, match="sigmoid"):
+        K.row_sigmoid_lse(cost, f, g, 0.1, update=Update(elog_h=g))
+    with pytest.raises(ValueError, match="sigmoid"):
+        K.row_lse(cost, g, 0.1, update=Update(bias=f))
+    with pytest.raises(ValueError, match="log_mass and w"):
+        K.row_lse(cost, g, 0.1, update=Update(log_mass=torch.zeros(2)))
+    with pytest.raises(ValueError, match=r"shape \(2, 34\) with update.dummy"):
+        K.row_lse(cost, g, 0.1, update=Update(dummy=True))
+    with pytest.raises(ValueError, match=r"update.elog_h must have shape \(2, 33\)"):
+        K.row_lse(cost, g, 0.1, update=Update(elog_h=f))
 
 
 # ----------------------------------------------------------------------------- launcher errors

@@ -44,6 +44,8 @@ def _check_operands(cost, rows=(), cols=(), batch=()):
         raise ValueError(f"triton kernels run on CUDA (or interpreted CPU) tensors; got {device}")
     named = [(n, t, (B, N)) for n, t in rows] + [(n, t, (B, M)) for n, t in cols]
     named += [(n, t, (B,)) for n, t in batch]
+    if not named:
+        return None
     dtype = named[0][1].dtype
     for name, t, shape in named:
         if tuple(t.shape) != shape:

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ..solvers._feature_steps import feature_grads, log_plan, max_cost, plan  # noqa: F401  (re-exported)
+from ..solvers._update import takes_update
 from . import _device_of, _interpreting
 from ._jit import _no_mass, _row_block
 from .lse_steps import _finish_lse, _logsigmoid_pair, _online_lse
@@ -194,18 +195,21 @@ def _launch(cost, h, u, eps, by_row, mode, shift):
     return out if mode == LSE else (out, out2)
 
 
+@takes_update(by_row=True)
 def row_lse(cost, h, eps, shift=None):
     """``eps * lse_j((h_j - C_ij) / eps)``: cost (B, N, M) features, h (B, M) -> (B, N)."""
     _check(cost, cols=[("h", h)], shift=shift)
     return _launch(cost, h, None, eps, True, LSE, shift)
 
 
+@takes_update(by_row=False)
 def col_lse(cost, h, eps, shift=None):
     """``eps * lse_i((h_i - C_ij) / eps)``: cost (B, N, M) features, h (B, N) -> (B, M)."""
     _check(cost, rows=[("h", h)], shift=shift)
     return _launch(cost, h, None, eps, False, LSE, shift)
 
 
+@takes_update(by_row=True, sigmoid=True)
 def row_sigmoid_lse(cost, u, v, eps, shift=None):
     """``(eps lse_j log sigmoid(z_ij), eps lse_j log sigmoid(-z_ij))``, each (B, N).
 
@@ -215,6 +219,7 @@ def row_sigmoid_lse(cost, u, v, eps, shift=None):
     return _launch(cost, v, u, eps, True, SIGMOID, shift)
 
 
+@takes_update(by_row=False, sigmoid=True)
 def col_sigmoid_lse(cost, u, v, eps, shift=None):
     """Column twin of :func:`row_sigmoid_lse`: returns two (B, M) tensors."""
     _check(cost, rows=[("u", u)], cols=[("v", v)], shift=shift)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .. import _validate as V
 from ..features import _feature_grads, _tile, workspace_rows
 from ._numerics import lse, no_mass
+from ._update import takes_update
 
 # Live (B, rows, length) temporaries per chunk without autograd, for the chunk size.
 # (With autograd, grad="unroll", the graph keeps every tile anyway.)
@@ -68,11 +69,13 @@ def _lse(cost, h, eps, by_row, shift):
                       for s, e in _chunks(cost, h.dtype, by_row, _LSE_TEMPS)], dim=1)
 
 
+@takes_update(by_row=True)
 def row_lse(cost, h, eps, shift=None):
     """``eps * lse_j((h_j - C_ij) / eps)``: cost (B, N, M) features, h (B, M) -> (B, N)."""
     return _lse(cost, h, eps, True, shift)
 
 
+@takes_update(by_row=False)
 def col_lse(cost, h, eps, shift=None):
     """``eps * lse_i((h_i - C_ij) / eps)``: cost (B, N, M) features, h (B, N) -> (B, M)."""
     return _lse(cost, h, eps, False, shift)
@@ -90,6 +93,7 @@ def _sigmoid_lse(cost, p, h, eps, by_row, shift):
     return torch.cat([a for a, _ in pairs], dim=1), torch.cat([b for _, b in pairs], dim=1)
 
 
+@takes_update(by_row=True, sigmoid=True)
 def row_sigmoid_lse(cost, u, v, eps, shift=None):
     """``(eps lse_j log sigmoid(z_ij), eps lse_j log sigmoid(-z_ij))``, each (B, N).
 
@@ -98,6 +102,7 @@ def row_sigmoid_lse(cost, u, v, eps, shift=None):
     return _sigmoid_lse(cost, u, v, eps, True, shift)
 
 
+@takes_update(by_row=False, sigmoid=True)
 def col_sigmoid_lse(cost, u, v, eps, shift=None):
     """Column twin of :func:`row_sigmoid_lse`: returns two (B, M) tensors."""
     return _sigmoid_lse(cost, v, u, eps, False, shift)

@@ -14,6 +14,7 @@ from .. import _distributed as D
 from .._backend import get_steps
 from ._numerics import in_cost_units
 from ._scaling import ScalingSteps
+from ._update import Composed
 
 # Convergence is checked every CHECK_EVERY iterations: on a GPU each check
 # is a host sync, so it must not happen every step.
@@ -36,12 +37,14 @@ def make_steps(backend, grad, cost3, dtype, shift, forbidden, scaled=True, row_m
 
     ``grad="unroll"`` keeps the plain differentiable reference steps; the torch
     backend otherwise uses the cached-kernel fast path when ``scaled``
-    (seeded from ``row_min`` when given).
+    (seeded from ``row_min`` when given). Every namespace returned takes
+    ``update=`` (``_update.Update``): fused in the dense Triton kernels, as
+    torch ops around the log-sum-exp elsewhere.
     """
     if not isinstance(cost3, torch.Tensor):   # a cost kind (FeatureCost) brings its own reductions
         return cost3.steps(backend)
     if backend == "torch" and grad != "unroll" and scaled:
-        return ScalingSteps(cost3.detach(), dtype, shift, forbidden, row_min)
+        return Composed(ScalingSteps(cost3.detach(), dtype, shift, forbidden, row_min))
     return get_steps(backend)
 
 

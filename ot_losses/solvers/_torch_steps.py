@@ -19,6 +19,9 @@ Every function here has a twin of the same name and signature in
   mass, never NaN). A reduction over nothing returns ``-inf``, with zero
   (not NaN) gradients.
 - ``eps`` is a Python float (absolute regularisation, cost units).
+- ``update``: None, or a ``solvers._update.Update``: the step then returns
+  the new potential (the solver's work around the log-sum-exp, fused into
+  the Triton kernels' epilogue); here it is ``_update``'s torch composition.
 
 These functions favour clarity over speed; the torch backend's fast path
 (``solvers/_scaling.py``) is tested against them.
@@ -26,40 +29,66 @@ These functions favour clarity over speed; the torch backend's fast path
 import torch
 import torch.nn.functional as F
 
+from . import _update as U
 from ._numerics import lse, no_mass, shifted_cost
 
 
-def row_lse(cost, h, eps, shift=None):
-    """``eps * lse_j((h_j - C_ij) / eps)``: cost (B, N, M), h (B, M) -> (B, N)."""
+def _row_lse(cost, h, eps, shift=None):
     z = no_mass((h.unsqueeze(-2) - shifted_cost(cost, h.dtype, shift)) / eps)
     return eps * lse(z, -1)
 
 
-def col_lse(cost, h, eps, shift=None):
-    """``eps * lse_i((h_i - C_ij) / eps)``: cost (B, N, M), h (B, N) -> (B, M)."""
+def _col_lse(cost, h, eps, shift=None):
     z = no_mass((h.unsqueeze(-1) - shifted_cost(cost, h.dtype, shift)) / eps)
     return eps * lse(z, -2)
+
+
+def row_lse(cost, h, eps, shift=None, update=None):
+    """``eps * lse_j((h_j - C_ij) / eps)``: cost (B, N, M), h (B, M) -> (B, N); or ``update``'s potential."""
+    if update is not None:
+        return U.lse_update(_row_lse, cost, h, eps, shift, update, True)
+    return _row_lse(cost, h, eps, shift)
+
+
+def col_lse(cost, h, eps, shift=None, update=None):
+    """``eps * lse_i((h_i - C_ij) / eps)``: cost (B, N, M), h (B, N) -> (B, M); or ``update``'s potential."""
+    if update is not None:
+        return U.lse_update(_col_lse, cost, h, eps, shift, update, False)
+    return _col_lse(cost, h, eps, shift)
 
 
 def _logit(cost, u, v, eps, shift):
     return no_mass((u.unsqueeze(-1) + v.unsqueeze(-2) - shifted_cost(cost, u.dtype, shift)) / eps)
 
 
-def row_sigmoid_lse(cost, u, v, eps, shift=None):
-    """Log row sums of ``X = sigmoid(z)`` and of ``1 - X``, times eps.
-
-    ``z_ij = (u_i + v_j - C_ij) / eps``; cost (B, N, M), u (B, N), v (B, M).
-    Returns ``(eps * lse_j log sigmoid(z_ij), eps * lse_j log sigmoid(-z_ij))``,
-    each (B, N). Forbidden entries (``C = +inf``) have X = 0, 1 - X = 1.
-    """
+def _row_sigmoid_lse(cost, u, v, eps, shift=None):
     z = _logit(cost, u, v, eps, shift)
     return eps * lse(F.logsigmoid(z), -1), eps * lse(F.logsigmoid(-z), -1)
 
 
-def col_sigmoid_lse(cost, u, v, eps, shift=None):
-    """Column twin of :func:`row_sigmoid_lse`: returns two (B, M) tensors."""
+def _col_sigmoid_lse(cost, u, v, eps, shift=None):
     z = _logit(cost, u, v, eps, shift)
     return eps * lse(F.logsigmoid(z), -2), eps * lse(F.logsigmoid(-z), -2)
+
+
+def row_sigmoid_lse(cost, u, v, eps, shift=None, update=None):
+    """Log row sums of ``X = sigmoid(z)`` and of ``1 - X``, times eps.
+
+    ``z_ij = (u_i + v_j - C_ij) / eps``; cost (B, N, M), u (B, N), v (B, M).
+    Returns ``(eps * lse_j log sigmoid(z_ij), eps * lse_j log sigmoid(-z_ij))``,
+    each (B, N); with ``update`` (its ``bias``) the new ``u`` instead.
+    Forbidden entries (``C = +inf``) have X = 0, 1 - X = 1.
+    """
+    if update is not None:
+        return U.sigmoid_update(_row_sigmoid_lse, cost, u, v, eps, shift, update, True)
+    return _row_sigmoid_lse(cost, u, v, eps, shift)
+
+
+def col_sigmoid_lse(cost, u, v, eps, shift=None, update=None):
+    """Column twin of :func:`row_sigmoid_lse`: two (B, M) tensors, or the new ``v`` with ``update``."""
+    if update is not None:
+        return U.sigmoid_update(_col_sigmoid_lse, cost, u, v, eps, shift, update, False)
+    return _col_sigmoid_lse(cost, u, v, eps, shift)
 
 
 def log_plan(cost, f, g, eps, shift=None):

@@ -11,6 +11,7 @@ from ..results import MultiAssignmentResult
 from ._loop import Problem, converged, cost_shift, make_steps, run_loop, start_potentials, unbatch
 from ._numerics import in_cost_units, shifted_cost
 from ._types import CostLike, Scalar
+from ._update import Update, sigmoid_finish
 
 _GRADS = ("none", "unroll")
 
@@ -36,18 +37,32 @@ class _MultiAssignmentProblem(Problem):
         self.k = k
         self.u, self.v = start
         self._next_rows = None  # (l1, l0) of the last check, valid until u or v changes
+        self._eps = self._updates = None
+
+    def updates(self, eps):
+        """Row and column updates at ``eps`` (loop invariants, rebuilt when eps changes).
+
+        The biases are the targets' terms, ``eps (log k - log(M - k))`` per row and
+        ``eps (log c_j - log(N - c_j))`` per column: -inf for an empty column
+        (``c_j = 0``), +inf for a full one (``c_j = N``), where v then sits.
+        """
+        if eps != self._eps:
+            row_bias = torch.full((), eps * (self.log_k - self.log_not_k), dtype=self.u.dtype,
+                                  device=self.u.device).expand(self.u.shape)
+            self._updates = (Update(bias=row_bias), Update(bias=eps * (self.log_c - self.log_not_c)))
+            self._eps = eps
+        return self._updates
 
     def step(self, eps):
+        rows_update, cols_update = self.updates(eps)
         rows, self._next_rows = self._next_rows, None
-        l1, l0 = rows if rows is not None else self.steps.row_sigmoid_lse(self.cost, self.u, self.v, eps,
-                                                                          shift=self.shift)
-        self.u = self.u + eps * (self.log_k - self.log_not_k) - l1 + l0
-        c1, c0 = self.steps.col_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift)
-        v = self.v + eps * (self.log_c - self.log_not_c) - c1 + c0
-        # Empty columns (c_j = 0) and full ones (c_j = N) sit at -inf / +inf.
-        inf = torch.full_like(v, math.inf)
-        v = torch.where(torch.isneginf(self.log_not_c), inf, v)
-        self.v = torch.where(torch.isneginf(self.log_c), -inf, v)
+        if rows is None:
+            self.u = self.steps.row_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift,
+                                                update=rows_update)
+        else:
+            self.u = sigmoid_finish(rows[0], rows[1], self.u, rows_update)
+        self.v = self.steps.col_sigmoid_lse(self.cost, self.u, self.v, eps, shift=self.shift,
+                                            update=cols_update)
 
     def error(self, eps):
         # The per-cell bound moves X after each update: neither side is exact, measure both.

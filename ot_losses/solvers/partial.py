@@ -11,6 +11,7 @@ from ._loop import (GRADS, Problem, converged, cost_shift, fold, make_steps, max
                     value_of)
 from ._numerics import in_cost_units, no_mass, weighted_exp
 from ._types import CostLike, Scalar
+from ._update import Update
 from .sinkhorn import _dot
 
 METHODS = ("bregman", "dummy")
@@ -27,8 +28,10 @@ class _BregmanProblem(Problem):
     With ``P_ij = exp((f_i + g_j + t - C_ij)/eps)``, ``f, g <= 0`` (caps) and
     ``t`` (total mass) are maximised in turn in closed form, in the order of
     POT's Bregman projections (rows, columns, mass), so both converge to the
-    same plan. The mass update reuses the column pass's log-sum-exp. The
-    steps see the cost minus a constant ``c`` (``shift``), which ``t``
+    same plan. The mass update reuses the column pass's log-sum-exp: the
+    column pass leaves ``w = (g + L_col) / eps``, whose log-sum-exp gives
+    ``t``, computed where it is needed (the next row pass: in the kernel).
+    The steps see the cost minus a constant ``c`` (``shift``), which ``t``
     absorbs: ``t`` here is ``t - c``.
     """
 
@@ -38,21 +41,39 @@ class _BregmanProblem(Problem):
         B, N, M = cost.shape
         self.f = cost.new_zeros((B, N), dtype=log_a.dtype)
         self.g = cost.new_zeros((B, M), dtype=log_a.dtype)
-        self.t = self._mass_multiplier(steps.col_lse(cost, self.f, eps, shift=shift), eps)
+        self.w = no_mass((self.g + steps.col_lse(cost, self.f, eps, shift=shift)) / eps)
+        self._eps = eps  # the eps of w (partial_ot has no eps schedule: one eps throughout)
         self._old = None
+        self._elog = (None, None, None)
 
-    def _mass_multiplier(self, lc, eps):
-        return eps * self.log_mass - eps * self.shard.lse(no_mass((self.g + lc) / eps), D.COLS)
+    @property
+    def t(self):
+        """The mass multiplier of the current potentials (B,)."""
+        eps = self._eps
+        return eps * self.log_mass - eps * self.shard.lse(self.w, D.COLS)
+
+    def run(self, eps, count):
+        if count == 0:
+            return
+        if eps != self._elog[0]:  # loop invariants
+            self._elog = (eps, eps * self.log_a, eps * self.log_b)
+        _, elog_a, elog_b = self._elog
+        # Scratch for t and w, written in place by the Triton steps (the torch ones return new tensors).
+        B, M = self.g.shape
+        out = (self.g.new_empty((B,)), self.g.new_empty((B, M)))
+        rows = Update(elog_cap=elog_a, log_mass=self.log_mass, w=self.w, out=out)
+        cols = Update(elog_cap=elog_b, out=out)
+        for _ in range(count):
+            # f = min(0, fold(-L_row(g + t), log a)); g = min(0, fold(-(L_col(f) + t), log b)):
+            # a zero-mass row or column gets -inf even when it is entirely forbidden (-inf - -inf).
+            self.f, t = self.steps.row_lse(self.cost, self.g, eps, shift=self.shift, update=rows)
+            self.g, self.w = self.steps.col_lse(self.cost, self.f, eps, shift=self.shift,
+                                                update=cols._replace(t=t))
+            rows = rows._replace(w=self.w)
+        self._eps = eps
 
     def step(self, eps):
-        zero = torch.zeros((), dtype=self.f.dtype, device=self.f.device)
-        t = self.t.unsqueeze(-1)
-        # fold: a zero-mass row or column gets -inf even when it is entirely forbidden (-inf - -inf).
-        lr = self.steps.row_lse(self.cost, self.g + t, eps, shift=self.shift)
-        self.f = torch.minimum(zero, fold(-lr, self.log_a, eps))
-        lc = self.steps.col_lse(self.cost, self.f, eps, shift=self.shift)
-        self.g = torch.minimum(zero, fold(-(lc + t), self.log_b, eps))
-        self.t = self._mass_multiplier(lc, eps)
+        self.run(eps, 1)
 
     def mark(self):
         self._old = (self.f, self.g, self.t)
@@ -92,42 +113,49 @@ class _DummyProblem(Problem):
     exactly ``mass``. With the dummy masses fixed, the real-to-dummy cost and
     a constant added to the real block only shift the objective: the steps
     see the real block minus its minimum and real-to-dummy entries of cost
-    0, and ``value`` adds both back. The extended cost is never built: each
-    half-step is the backend's pass over the real block plus O(N + M) work
-    for the dummy terms.
+    0, and ``value`` adds both back. The extended cost is never built: the
+    potentials carry the dummy entry last, ``(B, N + 1)`` and ``(B, M + 1)``,
+    and each half-step (``Update(dummy=True)``) is the backend's pass over
+    the real block with the dummy terms added (in the Triton kernel, or by
+    O(N + M) torch ops).
     """
 
     def __init__(self, steps, cost, log_a, log_b, log_ad, log_bd, shift, shard=D.LOCAL):
         self.steps, self.cost, self.shift, self.shard = steps, cost, shift, shard
         self.log_a, self.log_b, self.log_ad, self.log_bd = log_a, log_b, log_ad, log_bd
+        self.log_ax = torch.cat([log_a, log_ad.unsqueeze(-1)], -1)
+        self.log_bx = torch.cat([log_b, log_bd.unsqueeze(-1)], -1)
         B, N, M = cost.shape
-        self.f = cost.new_zeros((B, N), dtype=log_a.dtype)
-        self.g = cost.new_zeros((B, M), dtype=log_a.dtype)
-        self.fd = cost.new_zeros((B,), dtype=log_a.dtype)  # dummy-row potential
-        self.gd = cost.new_zeros((B,), dtype=log_a.dtype)  # dummy-column potential
+        self.fx = cost.new_zeros((B, N + 1), dtype=log_a.dtype)  # the dummy-row potential last
+        self.gx = cost.new_zeros((B, M + 1), dtype=log_a.dtype)  # the dummy-column potential last
+        self._eps = self._updates = None
 
-    def _soft(self, lse_block, h, hd, eps, side):
-        """eps-log-sum-exp over one side's real block (given) and dummy terms: real and dummy outputs.
+    f = property(lambda self: self.fx[..., :-1])
+    fd = property(lambda self: self.fx[..., -1])
+    g = property(lambda self: self.gx[..., :-1])
+    gd = property(lambda self: self.gx[..., -1])
 
-        ``side``: the side ``h`` lives on (its sum may span the ranks).
-        """
-        real = eps * torch.logaddexp(lse_block / eps, hd.unsqueeze(-1) / eps)
-        dummy = eps * self.shard.lse(h / eps, side)  # the corner is forbidden: only real partners
-        return real, dummy
+    def updates(self, eps):
+        """Row and column updates at ``eps`` (loop invariants, rebuilt when eps changes)."""
+        if eps != self._eps:
+            self._updates = (Update(elog_h=eps * self.log_bx, dummy=True),
+                             Update(elog_h=eps * self.log_ax, dummy=True))
+            self._eps = eps
+        return self._updates
 
     def _rows(self, eps):
-        h, hd = fold(self.g, self.log_b, eps), fold(self.gd, self.log_bd, eps)
-        return self._soft(self.steps.row_lse(self.cost, h, eps, shift=self.shift), h, hd, eps, D.COLS)
+        """``(L, L_dummy)``: the extended row pass's log-sum-exps (minus the new row potentials)."""
+        lx = -self.steps.row_lse(self.cost, self.gx, eps, shift=self.shift, update=self.updates(eps)[0])
+        return lx[..., :-1], lx[..., -1]
 
     def _cols(self, eps):
-        h, hd = fold(self.f, self.log_a, eps), fold(self.fd, self.log_ad, eps)
-        return self._soft(self.steps.col_lse(self.cost, h, eps, shift=self.shift), h, hd, eps, D.ROWS)
+        lx = -self.steps.col_lse(self.cost, self.fx, eps, shift=self.shift, update=self.updates(eps)[1])
+        return lx[..., :-1], lx[..., -1]
 
     def step(self, eps):
-        lr, lrd = self._rows(eps)
-        self.f, self.fd = -lr, -lrd
-        lc, lcd = self._cols(eps)
-        self.g, self.gd = -lc, -lcd
+        rows, cols = self.updates(eps)
+        self.fx = self.steps.row_lse(self.cost, self.gx, eps, shift=self.shift, update=rows)
+        self.gx = self.steps.col_lse(self.cost, self.fx, eps, shift=self.shift, update=cols)
 
     def error(self, eps):
         lr, lrd = self._rows(eps)

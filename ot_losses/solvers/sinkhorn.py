@@ -12,6 +12,7 @@ from ._loop import (GRADS, Problem, converged, cost_shift, fold, make_steps, max
                     start_potentials, unbatch, value_of)
 from ._numerics import in_cost_units, no_mass, weighted_exp
 from ._types import CostLike, Scalar
+from ._update import Update, finish
 
 
 def _damping(rho, eps):
@@ -37,6 +38,7 @@ class _SinkhornProblem(Problem):
         self.f, self.g, self.rho, self.shift, self.fused, self.shard = f, g, rho, shift, fused, shard
         self._old = None
         self._next_row = None  # the row pass of the last check, valid until g changes
+        self._eps = self._updates = None
 
     def run(self, eps, count):
         if self.fused is None or count == 0:
@@ -48,19 +50,24 @@ class _SinkhornProblem(Problem):
     def _row_pass(self, eps):
         return self.steps.row_lse(self.cost, fold(self.g, self.log_b, eps), eps, shift=self.shift)
 
+    def updates(self, eps):
+        """The row and column updates at ``eps``: loop invariants, rebuilt only when eps changes."""
+        if eps != self._eps:
+            da, db = (1.0, 1.0) if self.rho is None else (_damping(r, eps) for r in self.rho)
+            # shifted form of the damped row update (one offset, in r): f~ = -d L~ - (1 - d) r
+            self._updates = (Update(elog_h=eps * self.log_b, damp=da, damp_offset=self.rho is not None),
+                             Update(elog_h=eps * self.log_a, damp=db))
+            self._eps = eps
+        return self._updates
+
     def step(self, eps):
+        rows, cols = self.updates(eps)
         lr, self._next_row = self._next_row, None
         if lr is None:
-            lr = self._row_pass(eps)
-        if self.rho is None:
-            self.f = -lr
-            self.g = -self.steps.col_lse(self.cost, fold(self.f, self.log_a, eps), eps, shift=self.shift)
-            return
-        da, db = _damping(self.rho[0], eps), _damping(self.rho[1], eps)
-        self.f = -da * lr
-        if self.shift is not None:  # shifted form of the damped update (one offset, in r)
-            self.f = self.f - (1 - da) * self.shift[0]
-        self.g = -db * self.steps.col_lse(self.cost, fold(self.f, self.log_a, eps), eps, shift=self.shift)
+            self.f = self.steps.row_lse(self.cost, self.g, eps, shift=self.shift, update=rows)
+        else:
+            self.f = finish(lr, eps, rows, None if self.shift is None else self.shift[0])
+        self.g = self.steps.col_lse(self.cost, self.f, eps, shift=self.shift, update=cols)
 
     def mark(self):
         self._old = (self.f, self.g)
