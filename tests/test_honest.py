@@ -361,3 +361,17 @@ def test_unbalanced_potentials_beyond_precision_raise():
     assert torch.allclose(res.plan, torch.ones(1, 1, dtype=torch.float64))
     # an ordinary unbalanced fp32 problem is far from the limit
     sinkhorn(torch.rand(20, 30), eps=1e-3, n_iters=50, reach=0.1)
+
+
+def test_zero_mass_column_far_below_shifted_columns_fp32():
+    """Fuzz finding: a zero-mass column at -1e6 (no offset: it carries no mass) beside columns shifted by
+    +-1; its kernel line, rebuilt from anchors near 1e6, overflowed in fp32 and `.plan` was NaN there
+    while `converged` was True. The line is now a normalised exponential: plan 0, finite."""
+    base = torch.tensor([[1.0, 0.44, 0.3], [0.3, 0.55, 0.2], [0.2, 0.36, 0.5]]) * 1e-3
+    cost = base + torch.tensor([1.0, -1.0, -1e6])
+    a, b = torch.tensor([0.0, 0.0, 1.0]), torch.tensor([0.72, 0.28, 0.0])
+    res = sinkhorn(cost, a, b, eps=5e-5, n_iters=1500, tol=1e-5)
+    ref = sinkhorn(base.double(), a.double(), b.double(), eps=5e-5, n_iters=1500, tol=1e-12)
+    assert bool(res.converged) and torch.isfinite(res.plan).all()
+    assert (res.plan[:, 2] == 0).all()
+    assert torch.allclose(res.plan.double(), ref.plan, atol=1e-5)

@@ -173,14 +173,18 @@ class ScalingSteps:
         self._eps = eps
         bad_p, bad_q = ~torch.isfinite(p), ~torch.isfinite(q)
         if bool(bad_p.any()) or bool(bad_q.any()):
+            # The new lines of K are normalised exponentials of the exponents their anchors come
+            # from, not exp(p + q - C): where the anchors are large (a zero-mass line without
+            # offsets next to C + 1e6) that sum rounds by far more than eps and would overflow.
             c = self._shifted()
-            q_ok = q.masked_fill(bad_q, float("-inf"))
-            p = torch.where(bad_p, self._transform(no_mass((q_ok.unsqueeze(-2) - c) / eps), -1, eps), p)
+            z_rows = no_mass((q.masked_fill(bad_q, float("-inf")).unsqueeze(-2) - c) / eps)
+            p = torch.where(bad_p, self._transform(z_rows, -1, eps), p)
             p = p.masked_fill(~torch.isfinite(p), 0.0)
-            q = torch.where(bad_q, self._transform(no_mass((p.unsqueeze(-1) - c) / eps), -2, eps), q)
+            z_cols = no_mass((p.unsqueeze(-1) - c) / eps)
+            q = torch.where(bad_q, self._transform(z_cols, -2, eps), q)
             q = q.masked_fill(~torch.isfinite(q), 0.0)
-            fresh = torch.exp(no_mass((p.unsqueeze(-1) + q.unsqueeze(-2) - c) / eps))
-            K = torch.where(bad_p.unsqueeze(-1) | bad_q.unsqueeze(-2), fresh, K)
+            K = torch.where(bad_p.unsqueeze(-1), torch.softmax(z_rows, -1).nan_to_num(0.0), K)
+            K = torch.where(bad_q.unsqueeze(-2), torch.softmax(z_cols, -2).nan_to_num(0.0), K)
         self._p, self._q, self._K = p, q, K
 
     def _bmm(self, x, y):
