@@ -8,7 +8,7 @@ from .. import _distributed as D
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import MultiAssignmentResult
-from ._loop import Problem, converged, cost_shift, make_steps, run_loop, start_potentials, unbatch
+from ._loop import Problem, converged, cost_checks, cost_shift, make_steps, run_loop, settle, start_potentials, unbatch
 from ._numerics import in_cost_units, shifted_cost
 from ._types import CostLike, Scalar
 
@@ -104,6 +104,7 @@ def multi_assignment_sinkhorn(cost: CostLike, k: float, b: Optional[torch.Tensor
         True
     """
     shard = D.shard_of(cost, process_group, shard_dim)
+    checks = V.Verdicts()  # value checks, read from the device together (one host sync)
     with shard.checks():  # with a group, an error on any rank is raised on every rank
         cost3, batched = V.check_cost(cost)
         N, M = shard.size(cost3, 1), shard.size(cost3, 2)  # global sizes when the cost is split
@@ -114,26 +115,34 @@ def multi_assignment_sinkhorn(cost: CostLike, k: float, b: Optional[torch.Tensor
         bw = shard.marginal(b, "b", cost3, 2, batched)
         name = resolve_backend(backend, cost3.device)
         V.check_grad_backend(grad, name)
-        forbidden, stats = V.check_cost_values(cost3)
+        stats = cost_checks(cost3, checks)
     mb = shard.sum(bw, D.COLS)
-    with shard.checks():
-        if b is not None:  # uniform weights built here need no check
-            V.check_marginal_values(bw, "b", mb)
-        if not torch.allclose(mb, torch.ones_like(mb), rtol=0, atol=1e-5):
-            raise ValueError(f"b must sum to 1 (column j receives k * N * b_j, rows k each); "
-                             f"got sum(b) = {mb.max().item():.8g}")
-        target = k * N * bw
-        if (target > N * (1 + 1e-6)).any():
-            raise ValueError(f"b must satisfy k * N * b_j <= N (each column holds at most N units); "
-                             f"got max k * N * b_j = {target.max().item():.6g} > N = {N}")
-    with shard.checks():
-        V.check_multi_feasible(cost3, k, target, complete=shard.total, offsets=shard.offsets)
+    if b is not None:  # uniform weights built here need no check
+        V.check_marginal_values(bw, "b", mb, verdicts=checks)
 
+    def not_one():
+        raise ValueError(f"b must sum to 1 (column j receives k * N * b_j, rows k each); "
+                         f"got sum(b) = {mb.max().item():.8g}")
+    checks.add((mb - 1).abs() <= 1e-5, not_one)
+    target = k * N * bw
+
+    def too_big():
+        raise ValueError(f"b must satisfy k * N * b_j <= N (each column holds at most N units); "
+                         f"got max k * N * b_j = {target.max().item():.6g} > N = {N}")
+    checks.add(target <= N * (1 + 1e-6), too_big)
+    # Without forbidden entries, feasibility needs no pass over the cost: checked now; else after the read.
+    V.check_multi_feasible(cost3, k, target, complete=shard.total, offsets=shard.offsets, verdicts=checks,
+                           forbidden=False)
     dtype = V.compute_dtype(cost3)
+    forbidden, stats, take = settle(checks, shard, cost3, stats, dtype, per_line=True,
+                                    feasible=lambda v: V.check_multi_feasible(
+                                        cost3, k, target, complete=shard.total, offsets=shard.offsets,
+                                        verdicts=v))
+
     # Row and column sums are fixed, so constants added to rows or columns do not change X.
     unroll = grad == "unroll"
     shift = cost_shift(stats, dtype, per_line=True, unroll=unroll, shard=shard, cost3=cost3,
-                       masses=(None, target))
+                       masses=(None, target), take=take)
     steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden, scaled=False))
     loop_cost = cost3 if unroll else cost3.detach()
     # 0 in the cost's own units, so that the first iterates are the textbook ones.

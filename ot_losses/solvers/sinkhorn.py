@@ -8,8 +8,8 @@ from .. import _distributed as D
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import SinkhornResult
-from ._loop import (GRADS, Problem, converged, cost_shift, fold, make_steps, max_change, run_loop,
-                    start_potentials, unbatch, value_of)
+from ._loop import (GRADS, Problem, converged, cost_checks, cost_shift, fold, make_steps, max_change, run_loop,
+                    settle, start_potentials, unbatch, value_of)
 from ._numerics import in_cost_units, no_mass, weighted_exp
 from ._types import CostLike, Scalar
 
@@ -65,6 +65,9 @@ class _SinkhornProblem(Problem):
     def mark(self):
         self._old = (self.f, self.g)
 
+    def final_checks(self, eps):
+        return [] if self.rho is None else [_representable(self, eps, self.f.dtype, self.shard)]
+
     def error(self, eps):
         if self.rho is not None:  # the optimum does not meet the marginals: report the potential change
             return torch.maximum(self.shard.peak(max_change(self.f, self._old[0]), D.ROWS),
@@ -77,22 +80,25 @@ class _SinkhornProblem(Problem):
         return self.shard.sum((r - self.log_a.exp()).abs(), D.ROWS)
 
 
-def _check_representable(problem, eps, dtype, shard):
+def _representable(problem, eps, dtype, shard):
     """Unbalanced optima may carry more mass than ``dtype`` holds (costs far below 0 against reach).
 
     One row pass: the plan's log-mass; an overflowing plan is an error, not an inf/NaN result.
+    Returns ``(ok, fail)`` for ``V.Verdicts.add``.
     """
     with torch.no_grad():
         lr = problem._row_pass(eps)
         log_rows = no_mass(fold(problem.f + lr, problem.log_a, eps) / eps)
         log_mass = shard.lse(log_rows, D.ROWS)
     limit = math.log(torch.finfo(dtype).max)
-    if bool((log_mass > limit).any()):
+
+    def fail():
         hint = ", or use float64" if dtype != torch.float64 else ""
         raise ValueError(f"cost and reach give an unbalanced plan whose mass, "
                          f"exp({float(log_mass.max()):.4g}), exceeds the largest {dtype} (exp({limit:.4g})): "
                          f"the cost is far below 0 relative to reach; add a constant to the cost or raise "
                          f"reach{hint}")
+    return ~(log_mass > limit), fail
 
 
 def _kl(r, log_ratio, w):
@@ -224,6 +230,7 @@ def sinkhorn(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[torch
     Chizat et al. (2018) and Sejourne et al. (2019) for the unbalanced updates.
     """
     shard = D.shard_of(cost, process_group, shard_dim)
+    checks = V.Verdicts()  # value checks, read from the device together (one host sync)
     with shard.checks():  # with a group, an error on any rank is raised on every rank
         cost3, batched = V.check_cost(cost)
         eps, n_iters, tol = V.check_iterations(eps, n_iters, tol)
@@ -233,26 +240,27 @@ def sinkhorn(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[torch
         V.check_grad_group(grad, process_group)
         aw = shard.marginal(a, "a", cost3, 1, batched)
         bw = shard.marginal(b, "b", cost3, 2, batched)
-        init = V.check_init(init, cost3, batched)
+        init = V.check_init(init, cost3, batched, verdicts=checks)
         name = resolve_backend(backend, cost3.device)
         V.check_grad_backend(grad, name)
-        forbidden, stats = V.check_cost_values(cost3)
-    ma, mb = shard.totals(aw, bw, check=(a is not None, b is not None))  # uniform weights need no check
-    if rho is None or all(math.isinf(r) for r in rho):
-        rho = None
-        if a is not None or b is not None:
-            with shard.checks():
-                V.check_equal_mass(ma.unsqueeze(-1), mb.unsqueeze(-1))  # totals as one-entry marginals
-    if shard.any(forbidden):
-        with shard.checks():
-            V.check_feasible(cost3, aw, bw, balanced=rho is None, complete=shard.total, offsets=shard.offsets)
-
+        if rho is not None and all(math.isinf(r) for r in rho):
+            rho = None
+        stats = cost_checks(cost3, checks)
+    ma, mb = shard.totals(aw, bw, check=(a is not None, b is not None), verdicts=checks)  # uniform: no check
+    if rho is None and (a is not None or b is not None):
+        V.check_equal_mass(ma.unsqueeze(-1), mb.unsqueeze(-1), verdicts=checks)  # totals as one-entry marginals
     dtype = V.compute_dtype(cost3)
+    forbidden, stats, take = settle(checks, shard, cost3, stats, dtype, per_line=rho is None,
+                                    feasible=lambda v: V.check_feasible(
+                                        cost3, aw, bw, balanced=rho is None, complete=shard.total,
+                                        offsets=shard.offsets, verdicts=v))
+
     # Balanced plans do not change when a constant is added to a row or a column; unbalanced ones
     # do, so only one constant per problem is taken out there.
     shift = cost_shift(stats, dtype, per_line=rho is None, unroll=grad == "unroll", shard=shard, cost3=cost3,
-                       masses=(aw, bw))
-    steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden, row_min=stats[0]))
+                       masses=(aw, bw), take=take)
+    steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden, row_min=stats[0],
+                                   deferred=tol is None and shard is D.LOCAL))
     B, N, M = cost3.shape
     f, g = start_potentials(init, shift, cost3.shape, dtype, cost3.device)
     unroll = grad == "unroll"
@@ -265,14 +273,15 @@ def sinkhorn(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[torch
         problem = _SinkhornProblem(steps, loop_cost, log_a, log_b, f, g, rho, shift, fused, shard)
         iters, err = run_loop(problem, eps, n_iters, tol, schedule, "sinkhorn")
     f, g = problem.f, problem.g  # outside "unroll" the loop ran without grad: already detached
-    if rho is not None:
-        _check_representable(problem, eps, dtype, shard)
+    if rho is not None and tol is not None and not V.compiling():  # tol=None: read by run_loop
+        checks.add(*_representable(problem, eps, dtype, shard))
+        checks.flush()
     scale = ma.detach() if rho is None else torch.full_like(err, eps)
     fo, go = in_cost_units(f, g, shift)
     return SinkhornResult(
         f=unbatch(fo, batched), g=unbatch(go, batched), n_iters=iters,
         marginal_error=unbatch(err, batched), converged=unbatch(converged(err, tol, scale), batched),
         _cost=loop_cost, _fp=fold(f, log_a, eps), _gp=fold(g, log_b, eps), _eps=eps,
-        _batched=batched, _steps=steps, _differentiable=unroll, _shift=shift,
+        _batched=batched, _steps=steps, _differentiable=unroll, _shift=shift, _shard=shard,
         _value_fn=value_of(grad, cost3, aw, bw, _value_terms(steps, eps, rho, f, g, shift, shard), steps, eps,
                            shift))
