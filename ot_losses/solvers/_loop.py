@@ -352,31 +352,42 @@ class EnvelopeValue(torch.autograd.Function):
     def forward(cost, a, b, terms, steps, eps, shift):
         with torch.no_grad():
             value, da, db, fp, gp = terms(cost, a, b)
-        empty = value.new_zeros(0)
-        return value, fp, gp, empty if da is None else da, empty if db is None else db
+        # Distinct outputs (one empty tensor returned twice breaks torch.compile's tracing of the Function).
+        da = value.new_zeros(0) if da is None else da
+        db = value.new_zeros(0) if db is None else db
+        return value, fp, gp, da, db
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         cost, a, b, _, steps, eps, shift = inputs
         _, fp, gp, da, db = output
-        ctx.steps, ctx.eps, ctx.shift = steps, eps, shift
+        ctx.steps, ctx.eps = steps, eps
         ctx.mark_non_differentiable(fp, gp, da, db)
-        ctx.save_for_backward(cost, a, b, fp, gp, da, db)
+        # Every tensor the backward uses is saved, and only those that exist (torch.compile fails on
+        # saved empty outputs and on offsets captured as attributes).
+        offsets = () if shift is None else tuple(x for x in shift if x is not None)
+        # The marginals only as inputs of a second derivative's guard (unused by partial_ot's forward).
+        marginals = tuple(x for x in (a, b) if x.requires_grad)
+        ctx.layout = (da.numel() > 0, db.numel() > 0, shift is not None, len(offsets), len(marginals))
+        ctx.save_for_backward(cost, fp, gp, *(x for x in (da, db) if x.numel() > 0), *marginals, *offsets)
 
     @staticmethod
     def backward(ctx, grad_value, *_):
-        cost, a, b, fp, gp, da, db = ctx.saved_tensors
-        da, db = (None if x.numel() == 0 else x for x in (da, db))
+        cost, fp, gp, *rest = ctx.saved_tensors
+        has_da, has_db, shifted, n_offsets, n_marginals = ctx.layout
+        da, db = (rest.pop(0) if there else None for there in (has_da, has_db))
+        marginals, rest = rest[:n_marginals], rest[n_marginals:]
+        shift = (rest[0], rest[1] if n_offsets == 2 else None) if shifted else None
         grad_cost = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_cost = _in_dtype(ctx.steps.plan(cost.detach(), fp, gp, ctx.eps, scale=grad_value.detach(),
-                                                 shift=ctx.shift), cost.dtype)
+                                                 shift=shift), cost.dtype)
         if ctx.needs_input_grad[1] and da is not None:
             grad_a = grad_value.unsqueeze(-1) * da
         if ctx.needs_input_grad[2] and db is not None:
             grad_b = grad_value.unsqueeze(-1) * db
         if torch.is_grad_enabled():  # create_graph=True
-            inputs = [x for x in (cost, a, b) if x.requires_grad]
+            inputs = [x for x in (cost, *marginals) if x.requires_grad]
             grad_cost, grad_a, grad_b = (None if x is None else _FirstOrderOnly.apply(x, *inputs)
                                          for x in (grad_cost, grad_a, grad_b))
         return grad_cost, grad_a, grad_b, None, None, None, None

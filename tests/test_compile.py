@@ -1,0 +1,159 @@
+"""``torch.compile`` of the solvers and loss modules (torch backend), and host syncs (docs/api.md, "torch.compile").
+
+The compiled problems are tiny and traced with the ``eager`` / ``aot_eager``
+backends: what is checked is that Dynamo captures one graph with no break
+and no recompile, and that its results are the eager ones; Inductor's code
+generation is PyTorch's concern (and slow on a small CPU).
+"""
+import pytest
+import torch
+import torch._dynamo as dynamo
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ot_losses import multi_assignment_sinkhorn, partial_ot, sinkhorn
+from ot_losses.losses import InfoNCELoss, L2RMLoss, MultiSKLoss, SwAMPLoss
+
+F64 = torch.float64
+ITERS = 4
+
+
+def _solve(kind, cost, n_iters=ITERS, **kw):
+    """One solver call with ``tol=None`` on the torch backend."""
+    common = dict(n_iters=n_iters, tol=None, backend="torch", **kw)
+    if kind == "sinkhorn":
+        return sinkhorn(cost, eps=0.05, **common)
+    if kind == "unbalanced":
+        return sinkhorn(cost, eps=0.05, reach=1.0, **common)
+    if kind in ("bregman", "dummy"):
+        return partial_ot(cost, mass=0.5, eps=0.05, method=kind, **common)
+    return multi_assignment_sinkhorn(cost, k=2, eps=0.1, **common)
+
+
+KINDS = ("sinkhorn", "unbalanced", "bregman", "dummy", "multi")
+
+
+def _outputs(kind, res):
+    if kind == "multi":
+        return res.assignment, res.f, res.g, res.marginal_error, res.converged
+    return res.f, res.g, res.plan, res.value, res.marginal_error, res.converged
+
+
+def _close(got, want, dtype):
+    tol = dict(rtol=1e-9, atol=1e-12) if dtype == F64 else dict(rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        if g.dtype == torch.bool:
+            assert torch.equal(g, w)
+        else:
+            torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    dynamo.reset()
+    yield
+    dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("kind", KINDS)
+def test_solvers_compile_to_one_graph_and_match_eager(kind, dtype):
+    torch.manual_seed(0)
+    cost = torch.rand(2, 4, 5, dtype=dtype) + (100.0 if kind == "sinkhorn" else 0.0)  # offsets taken
+
+    def fn(c):
+        return _outputs(kind, _solve(kind, c))
+    explained = dynamo.explain(fn)(cost)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    dynamo.reset()
+    got = torch.compile(fn, fullgraph=True, backend="eager")(cost)
+    _close(got, fn(cost), dtype)
+
+
+@pytest.mark.parametrize("kind", ["sinkhorn", "unbalanced", "bregman", "dummy"])
+def test_envelope_value_and_gradient_under_compile(kind):
+    torch.manual_seed(1)
+    cost = torch.rand(3, 4, dtype=F64)
+
+    def fn(c):
+        res = _solve(kind, c, grad="envelope")
+        return res.value, res.plan
+
+    def run(f):
+        leaf = cost.clone().requires_grad_()
+        value, plan = f(leaf)
+        (grad,) = torch.autograd.grad(value, leaf)  # the backward of the compiled graph
+        return value.detach(), plan, grad
+
+    got = run(torch.compile(fn, fullgraph=True, backend="aot_eager"))
+    want = run(fn)
+    _close(got, want, F64)
+    torch.testing.assert_close(want[2], want[1])  # d value / d cost = plan
+
+
+def test_a_nan_cost_under_compile_is_reported_not_converged():
+    """Value checks need host reads: under compile they are skipped, and the result says so."""
+    cost = torch.rand(3, 4, dtype=F64)
+    cost[1, 2] = float("nan")
+    for kind in KINDS:
+        res = torch.compile(lambda c: _solve(kind, c), fullgraph=True, backend="eager")(cost)
+        assert not bool(res.converged.any()), kind
+        assert not bool(torch.isfinite(res.marginal_error).all()), kind
+        with pytest.raises(ValueError, match="cost must not contain NaN"):
+            _solve(kind, cost)  # eager: the usual error
+
+
+# ----------------------------------------------------------------------------- host syncs
+_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
+          torch.ops.aten.allclose.default, torch.ops.aten.is_nonzero.default}
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of tensor values by the host: ``item``/``bool``/``float``/``int`` (one
+    ``_local_scalar_dense`` each), ``equal``/``allclose`` and ``tolist`` (which bypasses dispatch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+
+        def tolist(t, *args, **kwargs):
+            self.count += 1
+            return self._tolist(t, *args, **kwargs)
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _reads(fn):
+    with HostReads() as reads:
+        fn()
+    return reads.count
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("kind", KINDS)
+def test_at_most_two_host_syncs_per_call_and_none_per_iteration(kind, dtype):
+    torch.manual_seed(2)
+    cost = torch.rand(2, 6, 7, dtype=dtype)
+    a, b = torch.full((6,), 1 / 6, dtype=dtype), torch.full((7,), 1 / 7, dtype=dtype)
+    kw = {} if kind == "multi" else dict(a=a, b=b)  # marginals given: their checks are in the same read
+    counts = [_reads(lambda: _solve(kind, cost, n_iters=n, **kw)) for n in (10, 30)]
+    assert counts[0] == counts[1] <= 2, counts
+
+
+def test_reads_counter_sees_every_kind_of_host_read():
+    x = torch.ones(3)
+    assert _reads(lambda: (x.sum().item(), bool(x.any()), float(x[0]), int(x[1]), x.tolist(),
+                           torch.allclose(x, x), torch.equal(x, x))) == 7
