@@ -94,11 +94,14 @@ class Verdicts:
     failure). ``read(key, x)``: a 0-d tensor whose value ``flush`` also
     reads. ``flush()`` reads everything at once and raises the first failed
     check, in the order added. Under ``torch.compile`` nothing is read:
-    the checks are dropped and ``value`` returns None.
+    ``value`` returns the default, and the checks' verdicts are kept on
+    the device in ``valid``, which :meth:`poison` folds into a result's
+    error (a failed check then reads as a NaN error, not converged).
     """
 
     def __init__(self):
         self._checks, self._reads, self.values = [], {}, {}
+        self.valid = None
 
     def add(self, ok, fail):
         self._checks.append((ok, fail))
@@ -112,7 +115,12 @@ class Verdicts:
     def flush(self):
         checks, reads = self._checks, self._reads
         self._checks, self._reads = [], {}
-        if compiling() or not (checks or reads):
+        if compiling():
+            if checks:
+                ok = torch.stack([ok.all() for ok, _ in checks]).all()
+                self.valid = ok if self.valid is None else self.valid & ok
+            return
+        if not (checks or reads):
             return
         flags = [ok.all() for ok, _ in checks] + [x.reshape(()).to(torch.bool) for x in reads.values()]
         got = torch.stack([f.to(flags[0].device) for f in flags]).tolist()  # the one host sync
@@ -120,6 +128,13 @@ class Verdicts:
         for good, (_, fail) in zip(got, checks):
             if not good:
                 fail()
+
+
+    def poison(self, err):
+        """``err``, NaN everywhere if a check failed under compile (where nothing could raise)."""
+        if self.valid is None:
+            return err
+        return torch.where(self.valid, err, torch.full_like(err, math.nan))
 
 
 def cost_value_checks(cost3, verdicts, name="cost"):
@@ -531,7 +546,7 @@ def check_finite_inputs(*named: Tuple[Optional[torch.Tensor], str]) -> None:
     :func:`check_cost_values`; an overflowing sum merely takes the detailed path.
     """
     tensors = [(x, name) for x, name in named if x is not None and x.numel() > 0]
-    if not tensors:
+    if not tensors or compiling():  # a host read: skipped under torch.compile (docs/api.md)
         return
     acc = torch.float64 if any(x.dtype == torch.float64 for x, _ in tensors) else torch.float32
     with torch.no_grad():
@@ -559,7 +574,7 @@ def check_forbid_diagonal(shape: Tuple[int, int]) -> None:
 def check_exp_logits_finite(loss: torch.Tensor, preds: Sequence[torch.Tensor], temperature: float) -> None:
     """A BCE on logits ``exp(pred / temperature)`` whose true value exceeds its dtype raises, naming
     ``temperature``, instead of returning inf (one sync; the message is built only on failure)."""
-    if bool(torch.isfinite(loss)):
+    if compiling() or bool(torch.isfinite(loss)):  # a host read: skipped under torch.compile
         return
     u_max = max(float(p.detach().max()) for p in preds) / temperature
     raise ValueError(f"the Multi-SK loss overflows {loss.dtype}: its value exceeds the largest {loss.dtype} "

@@ -272,6 +272,7 @@ def sinkhorn(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[torch
             fused = steps.balanced_small  # all iterations between checks in one launch
         problem = _SinkhornProblem(steps, loop_cost, log_a, log_b, f, g, rho, shift, fused, shard)
         iters, err = run_loop(problem, eps, n_iters, tol, schedule, "sinkhorn")
+        err = checks.poison(err)  # under compile: a failed value check reads as NaN
     f, g = problem.f, problem.g  # outside "unroll" the loop ran without grad: already detached
     if rho is not None and tol is not None and not V.compiling():  # tol=None: read by run_loop
         checks.add(*_representable(problem, eps, dtype, shard))
