@@ -194,3 +194,21 @@ def test_loss_modules_compile_once_while_their_queues_fill(name):
     for key, buf in eager.state_dict().items():
         if isinstance(buf, torch.Tensor):
             torch.testing.assert_close(compiled.state_dict()[key], buf, msg=key)
+
+
+# ----------------------------------------------------------------------------- torch.func
+@pytest.mark.parametrize("kind", ["sinkhorn", "unbalanced", "bregman", "dummy"])
+def test_envelope_gradient_under_torch_func_grad_and_vmap_refused_naming_the_batch(kind):
+    torch.manual_seed(5)
+    cost = torch.rand(4, 5, dtype=F64)
+    grad = torch.func.grad(lambda c: _solve(kind, c, n_iters=50, grad="envelope").value)(cost)
+    leaf = cost.clone().requires_grad_()
+    (want,) = torch.autograd.grad(_solve(kind, leaf, n_iters=50, grad="envelope").value, leaf)
+    torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"torch.func.vmap.*stacked \(B, N, M\) cost"):
+        torch.func.vmap(lambda c: _solve(kind, c, grad="envelope").value)(torch.rand(3, 4, 5, dtype=F64))
+
+
+def test_multi_assignment_refuses_vmap_naming_the_batch():
+    with pytest.raises(ValueError, match=r"torch.func.vmap.*stacked \(B, N, M\) cost"):
+        torch.func.vmap(lambda c: _solve("multi", c).assignment)(torch.rand(3, 4, 5, dtype=F64))

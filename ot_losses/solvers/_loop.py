@@ -352,10 +352,11 @@ class EnvelopeValue(torch.autograd.Function):
     def forward(cost, a, b, terms, steps, eps, shift):
         with torch.no_grad():
             value, da, db, fp, gp = terms(cost, a, b)
-        # Distinct outputs (one empty tensor returned twice breaks torch.compile's tracing of the Function).
+        # Distinct outputs made here (one empty tensor returned twice breaks torch.compile's tracing of
+        # the Function; potentials computed before the call, as partial_ot's, fail torch.func.grad).
         da = value.new_zeros(0) if da is None else da
         db = value.new_zeros(0) if db is None else db
-        return value, fp, gp, da, db
+        return value, fp.clone(), gp.clone(), da, db
 
     @staticmethod
     def setup_context(ctx, inputs, output):
