@@ -129,7 +129,6 @@ class Verdicts:
             if not good:
                 fail()
 
-
     def poison(self, err):
         """``err``, NaN everywhere if a check failed under compile (where nothing could raise)."""
         if self.valid is None:
@@ -313,13 +312,13 @@ def check_multi_feasible(cost3, k, target, name="cost", complete=_local, offsets
 
     def row():
         raise ValueError(f"{name} makes the problem infeasible: row{_where(bad_row, B, offsets[0])} needs "
-                         f"k={k:g} assignments (each at most 1) but has only {int(per_row[bad_row][0])} allowed "
-                         f"entries in columns with a positive target k * N * b_j")
+                         f"k={k:g} assignments (each at most 1) but has only {int(per_row[bad_row][0])} "
+                         f"allowed entries in columns with a positive target k * N * b_j")
 
     def col():
-        raise ValueError(f"{name} makes the problem infeasible: column{_where(bad_col, B, offsets[1])} must "
-                         f"receive k * N * b_j = {float(target[bad_col][0]):.6g} units (each entry at most 1) "
-                         f"but has only {int(per_col[bad_col][0])} allowed entries")
+        raise ValueError(f"{name} makes the problem infeasible: column{_where(bad_col, B, offsets[1])} "
+                         f"must receive k * N * b_j = {float(target[bad_col][0]):.6g} units (each entry at "
+                         f"most 1) but has only {int(per_col[bad_col][0])} allowed entries")
     verdicts.add(~bad_row, row)
     verdicts.add(~bad_col, col)
 

@@ -1,4 +1,4 @@
-"""``torch.compile`` of the solvers and loss modules (torch backend), and host syncs (docs/api.md, "torch.compile").
+"""``torch.compile`` of the solvers and loss modules (torch backend) and host syncs (docs/api.md).
 
 The compiled problems are tiny and traced with the ``eager`` / ``aot_eager``
 backends: what is checked is that Dynamo captures one graph with no break
@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ot_losses import multi_assignment_sinkhorn, partial_ot, sinkhorn

@@ -351,7 +351,8 @@ class MultiSKLoss(nn.Module):
         if group is None:
             queue_rows: Any = self.queue_count.clamp(max=self.queue_size)
             if self.queue_size > 0:
-                live = torch.arange(self.queue_size, device=self.queue_count.device) >= self.queue_size - queue_rows
+                slots = torch.arange(self.queue_size, device=self.queue_count.device)
+                live = slots >= self.queue_size - queue_rows
             n_past = self.queue_size
         else:
             queue_rows = n_past = min(int(self.queue_count), self.queue_size)

@@ -73,7 +73,9 @@ def swav_targets(scores: Tensor, *, eps: Scalar = 0.05, n_iters: int = 3, backen
     with torch.no_grad(), no_autocast(scores.device):
         s = scores.detach().to(loss_dtype(scores))
         weights = None
-        total: Any = s.shape[0] if process_group is None else D.total_rows(s.shape[0], process_group, s.device)
+        total: Any = s.shape[0]
+        if process_group is not None:
+            total = D.total_rows(s.shape[0], process_group, s.device)
         if _live is not None:
             total = _live.sum().to(s.dtype)
             weights = _live.to(s.dtype) / total
@@ -88,13 +90,14 @@ def swav_targets(scores: Tensor, *, eps: Scalar = 0.05, n_iters: int = 3, backen
 def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = ..., temperature: Scalar = ...,
                n_iters: int = ..., queue_a: Optional[Tensor] = ..., queue_b: Optional[Tensor] = ...,
                normalize: bool = ..., backend: str = ..., process_group: Optional[Any] = ...,
-               return_details: Literal[False] = ...) -> Tensor: ...
+               _queue_live: Optional[Tensor] = ..., return_details: Literal[False] = ...) -> Tensor: ...
 
 
 @overload
 def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = ..., temperature: Scalar = ...,
                n_iters: int = ..., queue_a: Optional[Tensor] = ..., queue_b: Optional[Tensor] = ...,
                normalize: bool = ..., backend: str = ..., process_group: Optional[Any] = ...,
+               _queue_live: Optional[Tensor] = ...,
                return_details: Literal[True]) -> Tuple[Tensor, SwAMPDetails]: ...
 
 
@@ -102,6 +105,7 @@ def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = ..
 def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = ..., temperature: Scalar = ...,
                n_iters: int = ..., queue_a: Optional[Tensor] = ..., queue_b: Optional[Tensor] = ...,
                normalize: bool = ..., backend: str = ..., process_group: Optional[Any] = ...,
+               _queue_live: Optional[Tensor] = ...,
                return_details: bool = ...) -> Union[Tensor, Tuple[Tensor, SwAMPDetails]]: ...
 
 

@@ -8,7 +8,8 @@ from .. import _distributed as D
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import MultiAssignmentResult
-from ._loop import Problem, converged, cost_checks, cost_shift, make_steps, run_loop, settle, start_potentials, unbatch
+from ._loop import (Problem, converged, cost_checks, cost_shift, make_steps, run_loop, settle,
+                    start_potentials, unbatch)
 from ._numerics import in_cost_units, shifted_cost
 from ._types import CostLike, Scalar
 
@@ -89,7 +90,8 @@ def _check_row_mask(row_mask, cost3, batched, process_group):
         raise ValueError("row_mask is not supported with a process_group; got both")
     B, N = cost3.shape[0], cost3.shape[1]
     if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
-        raise TypeError(f"row_mask must be a bool tensor; got {getattr(row_mask, 'dtype', type(row_mask).__name__)}")
+        got = row_mask.dtype if isinstance(row_mask, torch.Tensor) else type(row_mask).__name__
+        raise TypeError(f"row_mask must be a bool tensor; got {got}")
     if tuple(row_mask.shape) != (N,) and not (batched and tuple(row_mask.shape) == (B, N)):
         raise ValueError(f"row_mask must have shape ({N},)" + (f" or ({B}, {N})" if batched else "")
                          + f"; got {tuple(row_mask.shape)}")

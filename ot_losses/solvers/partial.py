@@ -7,8 +7,8 @@ from .. import _distributed as D
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import PartialOTResult
-from ._loop import (GRADS, Problem, converged, cost_checks, cost_shift, fold, make_steps, max_change, run_loop,
-                    settle, unbatch, value_of)
+from ._loop import (GRADS, Problem, converged, cost_checks, cost_shift, fold, make_steps, max_change,
+                    run_loop, settle, unbatch, value_of)
 from ._numerics import in_cost_units, no_mass, weighted_exp
 from ._types import CostLike, Scalar
 from .sinkhorn import _dot
@@ -43,7 +43,8 @@ class _BregmanProblem(Problem):
         self._old = None
 
     def _start_multiplier(self):
-        return self._mass_multiplier(self.steps.col_lse(self.cost, self.f, self._eps0, shift=self.shift), self._eps0)
+        eps = self._eps0
+        return self._mass_multiplier(self.steps.col_lse(self.cost, self.f, eps, shift=self.shift), eps)
 
     def restart(self, state):
         super().restart(state)
@@ -255,7 +256,8 @@ def partial_ot(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[tor
     ma, mb, m = (x.to(aw.dtype) for x in (ma, mb, m))
 
     def feasible(v):
-        V.check_feasible(cost3, aw, bw, balanced=False, complete=shard.total, offsets=shard.offsets, verdicts=v)
+        V.check_feasible(cost3, aw, bw, balanced=False, complete=shard.total, offsets=shard.offsets,
+                         verdicts=v)
         V.check_partial_feasible(cost3, aw, bw, m, complete=shard.total, verdicts=v)
     dtype = V.compute_dtype(cost3)
     forbidden, stats, take = settle(checks, shard, cost3, stats, dtype, per_line=False, feasible=feasible)

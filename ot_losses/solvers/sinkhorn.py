@@ -8,8 +8,8 @@ from .. import _distributed as D
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import SinkhornResult
-from ._loop import (GRADS, Problem, converged, cost_checks, cost_shift, fold, make_steps, max_change, run_loop,
-                    settle, start_potentials, unbatch, value_of)
+from ._loop import (GRADS, Problem, converged, cost_checks, cost_shift, fold, make_steps, max_change,
+                    run_loop, settle, start_potentials, unbatch, value_of)
 from ._numerics import in_cost_units, no_mass, weighted_exp
 from ._types import CostLike, Scalar
 
@@ -248,7 +248,8 @@ def sinkhorn(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[torch
         stats = cost_checks(cost3, checks)
     ma, mb = shard.totals(aw, bw, check=(a is not None, b is not None), verdicts=checks)  # uniform: no check
     if rho is None and (a is not None or b is not None):
-        V.check_equal_mass(ma.unsqueeze(-1), mb.unsqueeze(-1), verdicts=checks)  # totals as one-entry marginals
+        # the totals as one-entry marginals
+        V.check_equal_mass(ma.unsqueeze(-1), mb.unsqueeze(-1), verdicts=checks)
     dtype = V.compute_dtype(cost3)
     forbidden, stats, take = settle(checks, shard, cost3, stats, dtype, per_line=rho is None,
                                     feasible=lambda v: V.check_feasible(
