@@ -1,8 +1,10 @@
 """Every input check of the public entry points, and every error message.
 
 Shapes, dtypes and devices are checked before any value is read (reading
-values syncs a GPU); value checks (NaN, sign, mass) come last. Messages name
-the argument, what was expected and what was received.
+values syncs a GPU); value checks (NaN, sign, mass) come last, and the
+solvers queue them on a :class:`Verdicts` that reads them all in one host
+sync. Messages name the argument, what was expected and what was received.
+Under ``torch.compile`` value checks cannot raise (docs/api.md).
 """
 import math
 from numbers import Integral, Real

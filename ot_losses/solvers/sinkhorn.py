@@ -177,7 +177,10 @@ def sinkhorn(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[torch
     ``solvers/_scaling.py``): the iterates are those of the log-domain
     algorithm, nothing overflows at eps = 1e-3, and converged iterations cost
     two mat-vecs instead of two ``exp`` passes over the cost. It keeps one
-    ``(B, N, M)`` kernel in the compute dtype alive with the result.
+    ``(B, N, M)`` kernel in the compute dtype alive with the result. With
+    ``tol=None`` a call reads the device at most twice (docs/api.md,
+    "torch.compile and host syncs"); under ``torch.compile`` the plain
+    log-domain steps are traced.
 
     Args:
         cost: (N, M) or (B, N, M) floating tensor; ``+inf`` forbids an entry.
