@@ -18,9 +18,9 @@ F64 = torch.float64
 ITERS = 4
 
 
-def _solve(kind, cost, n_iters=ITERS, **kw):
-    """One solver call with ``tol=None`` on the torch backend."""
-    common = dict(n_iters=n_iters, tol=None, backend="torch", **kw)
+def _solve(kind, cost, n_iters=ITERS, tol=None, **kw):
+    """One solver call on the torch backend (``tol=None`` by default)."""
+    common = dict(n_iters=n_iters, tol=tol, backend="torch", **kw)
     if kind == "sinkhorn":
         return sinkhorn(cost, eps=0.05, **common)
     if kind == "unbalanced":
@@ -154,6 +154,15 @@ def test_at_most_two_host_syncs_per_call_and_none_per_iteration(kind, dtype):
     assert counts[0] == counts[1] <= 2, counts
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_with_tol_one_host_sync_per_convergence_check(kind):
+    torch.manual_seed(2)
+    cost = torch.rand(2, 6, 7, dtype=F64)
+    counts = [_reads(lambda: _solve(kind, cost, n_iters=n, tol=1e-14)) for n in (10, 30)]  # 1 and 3 checks
+    final = 1 if kind == "unbalanced" else 0  # its plan's mass is checked after the last check
+    assert counts == [1 + 1 + final, 1 + 3 + final], counts
+
+
 def test_reads_counter_sees_every_kind_of_host_read():
     x = torch.ones(3)
     assert _reads(lambda: (x.sum().item(), bool(x.any()), float(x[0]), int(x[1]), x.tolist(),
@@ -211,3 +220,35 @@ def test_envelope_gradient_under_torch_func_grad_and_vmap_refused_naming_the_bat
 def test_multi_assignment_refuses_vmap_naming_the_batch():
     with pytest.raises(ValueError, match=r"torch.func.vmap.*stacked \(B, N, M\) cost"):
         torch.func.vmap(lambda c: _solve("multi", c).assignment)(torch.rand(3, 4, 5, dtype=F64))
+
+
+@pytest.mark.parametrize("tol", [None, 1e-12])
+@pytest.mark.parametrize("late", [False, True])
+def test_deferred_fast_path_falls_back_to_the_adaptive_iterates(tol, late, monkeypatch):
+    """A cached-kernel product found untrustworthy (fp32, small eps, at the start; or, forced, at
+    iteration 15) sends the solve back to the adaptive steps: to the start, or with ``tol`` to the
+    previous check's state (iteration 10). The result is the adaptive steps' result."""
+    from ot_losses.solvers import _scaling, sinkhorn as sk
+    torch.manual_seed(0)
+    cost = torch.cdist(torch.randn(30, 3), torch.randn(35, 3)) ** 2
+    eps = 0.2 if late else 0.02  # eps = 0.2 needs no fallback of its own
+    deferred_rows, adaptive_rows = [], []
+    row_lse = _scaling.ScalingSteps.row_lse
+
+    def counted(self, *args, **kw):
+        (deferred_rows if self._deferred else adaptive_rows).append(1)
+        out = row_lse(self, *args, **kw)
+        if self._deferred and late and len(deferred_rows) == 15:
+            self.trusted = self.trusted & False
+        return out
+    monkeypatch.setattr(_scaling.ScalingSteps, "row_lse", counted)
+    got = sinkhorn(cost, eps=eps, n_iters=40, tol=tol)
+    if late and tol is not None:  # iterations 11..40 again, adaptive (+ the row passes of 3 checks)
+        assert 30 <= len(adaptive_rows) <= 33, len(adaptive_rows)
+    else:  # all 40 again
+        assert len(adaptive_rows) >= 40, len(adaptive_rows)
+    make = sk.make_steps
+    monkeypatch.setattr(sk, "make_steps", lambda *a, **kw: make(*a, **{**kw, "deferred": False}))
+    want = sinkhorn(cost, eps=eps, n_iters=40, tol=tol)
+    assert got.n_iters == want.n_iters == 40
+    torch.testing.assert_close(got.plan, want.plan, rtol=1e-5, atol=1e-8)

@@ -227,33 +227,49 @@ def run_loop(problem, eps, n_iters, tol, eps_schedule, solver):
     call, so a fused backend can run them in one launch.
 
     A non-finite error raises ``FloatingPointError``. With ``tol=None`` that
-    is the one host read of the loop, shared with ``problem.final_checks``
-    and with the deferred fast path's verdict (``steps.trusted``): if a
-    mat-vec was not trustworthy the solve is redone from the start with the
-    adaptive steps (``steps.adapt()``). Under ``torch.compile`` nothing is
-    read: a non-finite error is returned as it is (``converged`` is then
-    False).
+    is the one host read of the loop, shared with ``problem.final_checks``.
+    The deferred fast path's verdict (``steps.trusted``) is read with the
+    checks: if a mat-vec was not trustworthy the solve is redone from the
+    start with the adaptive steps (``steps.adapt()``). Under
+    ``torch.compile`` nothing is read: a non-finite error is returned as it
+    is (``converged`` is then False).
     """
     start = dict(problem.__dict__)
     while True:
-        it, err = _iterate(problem, eps, n_iters, tol, eps_schedule, solver)
-        if tol is not None or V.compiling():
-            return it, err
-        final = problem.final_checks(eps)
-        trusted = getattr(problem.steps, "trusted", None)
-        doubt = torch.zeros((), dtype=torch.bool, device=err.device) if trusted is None else ~trusted
-        checks = V.Verdicts()
-        # Verdicts on the state of an untrusted run mean nothing: they pass, and it is redone.
-        checks.add(torch.isfinite(err) | doubt, lambda: _non_finite(solver, n_iters + len(eps_schedule), eps))
-        for ok, fail in final:
-            checks.add(ok | doubt, fail)
-        if trusted is not None:
-            checks.read("trusted", trusted)
-        checks.flush()
-        if checks.value("trusted", True):
+        it, err, trusted = _iterate(problem, eps, n_iters, tol, eps_schedule, solver)
+        if trusted and not V.compiling():
+            final = problem.final_checks(eps)
+            if tol is None or final:  # (with tol the error was read by the last check)
+                trusted = _final_checks(problem, final, err if tol is None else None, solver, it, eps)
+        if trusted:
+            finish = getattr(problem.steps, "stop_deferring", None)
+            if finish is not None:  # later passes (value, mass) check their own products
+                finish()
             return it, err
         problem.steps.adapt()
         problem.restart(start)
+
+
+def _final_checks(problem, final, err, solver, it, eps):
+    """One host read of the final state: ``final`` checks, ``err`` finite (unless None) and the
+    deferred steps' verdict; returns whether those steps were trustworthy."""
+    trusted = _trusted(problem)
+    doubt = torch.zeros((), dtype=torch.bool) if trusted is None else ~trusted
+    checks = V.Verdicts()
+    # Verdicts on the state of an untrusted run mean nothing: they pass, and it is redone.
+    if err is not None:
+        checks.add(torch.isfinite(err) | doubt.to(err.device), lambda: _non_finite(solver, it, eps))
+    for ok, fail in final:
+        checks.add(ok | doubt, fail)
+    if trusted is not None:
+        checks.read("trusted", trusted)
+    checks.flush()
+    return checks.value("trusted", True)
+
+
+def _trusted(problem):
+    """The deferred fast path's on-device verdict, or None (other steps)."""
+    return getattr(problem.steps, "trusted", None)
 
 
 def _non_finite(solver, it, eps):
@@ -262,6 +278,14 @@ def _non_finite(solver, it, eps):
 
 
 def _iterate(problem, eps, n_iters, tol, eps_schedule, solver):
+    """The iterations; returns ``(iterations, error, trusted)``.
+
+    With ``tol``, a check that finds the deferred fast path untrustworthy
+    goes back to the previous check's state and continues with the
+    adaptive steps; before the first check it returns ``trusted=False``
+    (``run_loop`` starts again).
+    """
+    saved = None  # (iteration, problem state, steps state) at the last check
     problem.mark()
     for e in eps_schedule:
         problem.step(e)
@@ -285,13 +309,27 @@ def _iterate(problem, eps, n_iters, tol, eps_schedule, solver):
         if V.compiling():  # a traced loop cannot stop on a value: run every iteration
             problem.mark()
             continue
-        finite, done = torch.stack([torch.isfinite(err).all(), (err <= tol).all()]).tolist()  # one sync
-        if not finite:
+        flags = [torch.isfinite(err).all(), (err <= tol).all()]
+        trusted = _trusted(problem)
+        if trusted is not None:
+            flags.append(trusted)
+        got = torch.stack(flags).tolist()  # the check's one host sync
+        if trusted is not None and not got[2]:
+            if saved is None:
+                return it, err, False
+            it = saved[0]
+            problem.__dict__.update(saved[1])
+            problem.steps.__dict__.update(saved[2])
+            problem.steps.stop_deferring()  # the kernel of that state, now checked at every half-step
+            continue
+        if not got[0]:
             _non_finite(solver, it, eps)
-        if done:
+        if got[1]:
             break
         problem.mark()
-    return it, err
+        if trusted is not None:
+            saved = (it, dict(problem.__dict__), dict(problem.steps.__dict__))
+    return it, err, True
 
 
 def converged(err, tol, scale):

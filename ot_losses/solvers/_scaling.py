@@ -45,8 +45,10 @@ class ScalingSteps:
     the kernel when it cannot. ``deferred``: no host read at all; the
     mat-vec is always taken (an exact step only for a new eps) and the
     verdicts accumulate on the device in ``trusted``, which the loop reads
-    once at the end (``run_loop``): if any half-step was not trustworthy the
-    solve is redone with :meth:`adapt`. Potentials usually stay within the
+    with its checks (``run_loop``: at each convergence check, or once at the
+    end with ``tol=None``): if any half-step was not trustworthy the solve
+    is redone with :meth:`adapt`; after a trusted solve
+    :meth:`stop_deferring` makes later passes (``value``) adaptive. Potentials usually stay within the
     kernel's range after the first step (fp64; fp32 with eps >~ 0.05 x the
     cost's spread), so the redo is rare; it costs one deferred run.
     """
@@ -79,6 +81,10 @@ class ScalingSteps:
 
     def __getattr__(self, name):
         return getattr(_torch_steps, name)
+
+    def stop_deferring(self):
+        """After a trusted deferred solve: keep the kernel, check every later product (adaptive)."""
+        self._deferred, self.trusted = False, None
 
     def adapt(self):
         """Start afresh in adaptive mode (after a deferred run that was not trustworthy)."""

@@ -266,7 +266,7 @@ def partial_ot(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[tor
     # row or column offsets: the marginals are only bounds).
     shift = cost_shift(stats, dtype, per_line=False, unroll=grad == "unroll", shard=shard, take=take)
     steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden, row_min=stats[0],
-                                   deferred=tol is None and shard is D.LOCAL))
+                                   deferred=shard is D.LOCAL))
     unroll = grad == "unroll"
     loop_cost = cost3 if unroll else cost3.detach()
     la, lb = (aw, bw) if unroll else (aw.detach(), bw.detach())
