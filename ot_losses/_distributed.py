@@ -94,13 +94,19 @@ class Local:
         """:func:`_validate.check_marginal`; ``None`` is uniform over the side's global size."""
         return V.check_marginal(x, name, cost3, dim, batched)
 
-    def totals(self, a, b, check=(True, True)):
-        """``(sum a, sum b)``, ``(B,)`` each, over the whole problem; value checks where ``check`` says."""
+    def totals(self, a, b, check=(True, True), verdicts=None):
+        """``(sum a, sum b)``, ``(B,)`` each, over the whole problem; value checks where ``check`` says.
+
+        The checks are queued on ``verdicts`` when given (the caller flushes them inside ``checks()``).
+        """
         ma, mb = self.sum(a, ROWS), self.sum(b, COLS)
-        with self.checks():
-            for w, name, total, wanted in ((a, "a", ma, check[0]), (b, "b", mb, check[1])):
-                if wanted:
-                    V.check_marginal_values(w, name, total)
+        queue = V.Verdicts() if verdicts is None else verdicts
+        for w, name, total, wanted in ((a, "a", ma, check[0]), (b, "b", mb, check[1])):
+            if wanted:
+                V.check_marginal_values(w, name, total, verdicts=queue)
+        if verdicts is None:
+            with self.checks():
+                queue.flush()
         return ma, mb
 
     offsets = (0, 0)  # global index of this block's first row and column

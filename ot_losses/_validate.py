@@ -1,8 +1,10 @@
 """Every input check of the public entry points, and every error message.
 
 Shapes, dtypes and devices are checked before any value is read (reading
-values syncs a GPU); value checks (NaN, sign, mass) come last. Messages name
-the argument, what was expected and what was received.
+values syncs a GPU); value checks (NaN, sign, mass) come last, and the
+solvers queue them on a :class:`Verdicts` that reads them all in one host
+sync. Messages name the argument, what was expected and what was received.
+Under ``torch.compile`` value checks cannot raise (docs/api.md).
 """
 import math
 from numbers import Integral, Real
@@ -81,54 +83,150 @@ def check_same_device(x, name, cost, cost_name="cost"):
         raise ValueError(f"{name} must be on the same device as {cost_name} ({cost.device}); got {x.device}")
 
 
+def compiling():
+    """Inside ``torch.compile`` tracing: value checks that need a host read are skipped (docs/api.md)."""
+    return torch.compiler.is_compiling()
+
+
+class Verdicts:
+    """Value checks whose verdicts are read from the device together, in one host sync.
+
+    ``add(ok, fail)``: ``ok`` a bool tensor (every entry must be True),
+    ``fail()`` raises the check's error (it may read values: it only runs on
+    failure). ``read(key, x)``: a 0-d tensor whose value ``flush`` also
+    reads. ``flush()`` reads everything at once and raises the first failed
+    check, in the order added. Under ``torch.compile`` nothing is read:
+    ``value`` returns the default, and the checks' verdicts are kept on
+    the device in ``valid``, which :meth:`poison` folds into a result's
+    error (a failed check then reads as a NaN error, not converged).
+    """
+
+    def __init__(self):
+        self._checks, self._reads, self.values = [], {}, {}
+        self.valid = None
+
+    def add(self, ok, fail):
+        self._checks.append((ok, fail))
+
+    def read(self, key, x):
+        self._reads[key] = x
+
+    def value(self, key, default=None):
+        return self.values.get(key, default)
+
+    def flush(self):
+        checks, reads = self._checks, self._reads
+        self._checks, self._reads = [], {}
+        if compiling():
+            if checks:
+                ok = torch.stack([ok.all() for ok, _ in checks]).all()
+                self.valid = ok if self.valid is None else self.valid & ok
+            return
+        if not (checks or reads):
+            return
+        flags = [ok.all() for ok, _ in checks] + [x.reshape(()).to(torch.bool) for x in reads.values()]
+        got = torch.stack([f.to(flags[0].device) for f in flags]).tolist()  # the one host sync
+        self.values.update(zip(reads, got[len(checks):]))
+        for good, (_, fail) in zip(got, checks):
+            if not good:
+                fail()
+
+    def poison(self, err):
+        """``err``, NaN everywhere if a check failed under compile (where nothing could raise)."""
+        if self.valid is None:
+            return err
+        return torch.where(self.valid, err, torch.full_like(err, math.nan))
+
+
+def cost_value_checks(cost3, verdicts, name="cost"):
+    """Queue the NaN / ``-inf`` checks of a dense cost on ``verdicts``; returns the lines' extremes.
+
+    ``(row_min, row_max, col_min, col_max)``, ``(B, N)`` and ``(B, M)``, from
+    which the solvers choose the offsets they subtract from the cost. The
+    maxima include ``+inf`` entries: after the flush, ``verdicts.value("forbidden")``
+    says whether there are any, and :func:`allowed_maxima` corrects them
+    (under compile the value is unknown: correct them unconditionally).
+    """
+    # amin/amax, not aminmax: the fused op is ~10x slower on CPU. NaN propagates into all four.
+    row_min, row_max, col_min, col_max = cost3.amin(-1), cost3.amax(-1), cost3.amin(-2), cost3.amax(-2)
+
+    def nan():
+        raise ValueError(f"{name} must not contain NaN; got {int(torch.isnan(cost3).sum())} NaN entries")
+
+    def neg():
+        raise ValueError(f"{name} must not contain -inf (+inf marks forbidden entries); "
+                         f"got {int(torch.isneginf(cost3).sum())} -inf entries")
+    verdicts.add(~torch.isnan(row_min).any(), nan)
+    verdicts.add(~torch.isneginf(row_min).any(), neg)
+    verdicts.read("forbidden", torch.isposinf(row_max).any())
+    return row_min, row_max, col_min, col_max
+
+
+def allowed_maxima(cost3, stats):
+    """``stats`` with the maxima over the allowed (finite) entries only."""
+    allowed = cost3.masked_fill(torch.isposinf(cost3), float("-inf"))
+    return stats[0], allowed.amax(-1), stats[2], allowed.amax(-2)
+
+
 def check_cost_values(cost3, name="cost"):
     """No NaN and no ``-inf``; returns ``(forbidden, stats)``.
 
     ``forbidden``: whether ``+inf`` (forbidden) entries exist. ``stats``:
     ``(row_min, row_max, col_min, col_max)``, ``(B, N)`` and ``(B, M)``, the
     extreme allowed entries of each line (``+inf`` / ``-inf`` for an
-    all-forbidden line), from which the solvers choose the offsets they
-    subtract from the cost. Two passes over the cost (three with forbidden
-    entries) and one host sync.
+    all-forbidden line). Two passes over the cost (three with forbidden
+    entries) and one host sync (none under compile, where nothing is checked).
     """
     if not isinstance(cost3, torch.Tensor):  # FeatureCost: finite features, nothing forbidden
         return cost3._check_values(name)
-    # amin/amax, not aminmax: the fused op is ~10x slower on CPU. NaN propagates into all four.
-    row_min, row_max, col_min, col_max = cost3.amin(-1), cost3.amax(-1), cost3.amin(-2), cost3.amax(-2)
-    nan, neg, pos = torch.stack([torch.isnan(row_min).any(), torch.isneginf(row_min).any(),
-                                 torch.isposinf(row_max).any()]).tolist()
-    if nan:
-        raise ValueError(f"{name} must not contain NaN; got {int(torch.isnan(cost3).sum())} NaN entries")
-    if neg:
-        raise ValueError(f"{name} must not contain -inf (+inf marks forbidden entries); "
-                         f"got {int(torch.isneginf(cost3).sum())} -inf entries")
-    if pos:
-        allowed = cost3.masked_fill(torch.isposinf(cost3), float("-inf"))
-        row_max, col_max = allowed.amax(-1), allowed.amax(-2)
-    return bool(pos), (row_min, row_max, col_min, col_max)
+    verdicts = Verdicts()
+    stats = cost_value_checks(cost3, verdicts, name)
+    verdicts.flush()
+    forbidden = verdicts.value("forbidden", True)
+    return bool(forbidden), allowed_maxima(cost3, stats) if forbidden else stats
 
 
-def check_marginal_values(w, name, total=None):
-    """Finite, non-negative, positive total mass per problem.
+def _now(check, *args, **kwargs):
+    """Run a ``verdicts``-taking check on its own (one host sync)."""
+    verdicts = Verdicts()
+    out = check(*args, verdicts=verdicts, **kwargs)
+    verdicts.flush()
+    return out
+
+
+def check_marginal_values(w, name, total=None, verdicts=None):
+    """Finite, non-negative, positive total mass per problem (queued on ``verdicts`` if given).
 
     ``total``: the ``(B,)`` total mass when ``w`` is one rank's slice of a
     sharded marginal (a slice may carry no mass), else ``w.sum(-1)``.
     """
-    if not torch.isfinite(w).all():
+    if verdicts is None:
+        return _now(check_marginal_values, w, name, total)
+
+    def not_finite():
         raise ValueError(f"{name} must be finite; got NaN or Inf entries")
-    if (w < 0).any():
+
+    def negative():
         raise ValueError(f"{name} must be non-negative; got minimum {w.min().item():.3g}")
-    if ((w.sum(-1) if total is None else total) <= 0).any():
+
+    def empty():
         raise ValueError(f"{name} must have positive total mass; got a problem with total mass 0")
+    verdicts.add(torch.isfinite(w), not_finite)
+    verdicts.add(w >= 0, negative)
+    verdicts.add((w.sum(-1) if total is None else total) > 0, empty)
 
 
-def check_equal_mass(a, b):
+def check_equal_mass(a, b, verdicts=None):
+    if verdicts is None:
+        return _now(check_equal_mass, a, b)
     ma, mb = a.sum(-1), b.sum(-1)
-    if not torch.allclose(ma, mb, rtol=1e-5, atol=0.0):
+
+    def fail():
         i = int(torch.argmax((ma - mb).abs()))
         raise ValueError(f"a and b must have equal total mass (relative tolerance 1e-5) for a balanced "
                          f"problem; got sum(a)={ma[i].item():.8g}, sum(b)={mb[i].item():.8g}; "
                          f"pass reach= for unbalanced OT")
+    verdicts.add(torch.isclose(ma, mb, rtol=1e-5, atol=0.0), fail)  # the test of torch.allclose
 
 
 def _where(mask, B, offset=0):
@@ -145,12 +243,14 @@ def _local(x, side):
 # a process group: ``complete(x, side)`` finishes a per-line sum over side 1 (rows) or 2 (columns)
 # across the ranks (a collective: every rank makes the same calls, before any error is raised), and
 # ``offsets`` are the global indices of the block's first row and column, for the messages.
-def check_feasible(cost3, a, b, name="cost", balanced=True, complete=_local, offsets=(0, 0)):
+def check_feasible(cost3, a, b, name="cost", balanced=True, complete=_local, offsets=(0, 0), verdicts=None):
     """Every row (column) with positive mass must have an allowed entry.
 
     ``balanced``: moreover an allowed entry in a column (row) with positive
     mass, since the line must send all of its mass somewhere.
     """
+    if verdicts is None:
+        return _now(check_feasible, cost3, a, b, name, balanced, complete, offsets)
     allowed = torch.isfinite(cost3)
     if balanced:
         rows_n = (allowed & (b > 0).unsqueeze(-2)).sum(-1)
@@ -162,52 +262,67 @@ def check_feasible(cost3, a, b, name="cost", balanced=True, complete=_local, off
     B = cost3.shape[0]
     for bad, line, other, off in ((bad_rows, "row", "columns", offsets[0]),
                                   (bad_cols, "column", "rows", offsets[1])):
-        if bad.any():
+        def fail(bad=bad, line=line, other=other, off=off):
             raise ValueError(f"{name} makes the problem infeasible: {line}{_where(bad, B, off)} has positive "
                              f"mass but every entry of it is forbidden (+inf) or lies in one of the "
                              f"zero-mass {other}, so its mass cannot be transported")
+        verdicts.add(~bad, fail)
 
 
-def check_partial_feasible(cost3, a, b, mass, name="cost", complete=_local):
+def check_partial_feasible(cost3, a, b, mass, name="cost", complete=_local, verdicts=None):
     """Partial OT: ``mass`` must not exceed what the allowed entries can carry, line by line.
 
     Row i can send at most ``min(a_i, sum of b over its allowed columns)``
     (likewise for columns); a ``mass`` above either total cannot be moved.
     """
+    if verdicts is None:
+        return _now(check_partial_feasible, cost3, a, b, mass, name, complete)
     allowed = torch.isfinite(cost3).to(a.dtype)
     row_cap = torch.minimum(a, complete((allowed * b.unsqueeze(-2)).sum(-1), 2))
     col_cap = torch.minimum(b, complete((allowed * a.unsqueeze(-1)).sum(-2), 1))
     cap = torch.minimum(complete(row_cap.sum(-1), 1), complete(col_cap.sum(-1), 2))
     bad = mass > cap * (1 + 1e-6)
-    if bad.any():
+
+    def fail():
         i = int(bad.nonzero()[0])
         raise ValueError(f"{name} makes the problem infeasible: mass={float(mass[i]):.6g} exceeds the "
                          f"{float(cap[i]):.6g} that the allowed (finite) entries can carry (rows whose "
                          f"partners are forbidden or have little mass)"
                          + (f" in problem {i}" if cost3.shape[0] > 1 else ""))
+    verdicts.add(~bad, fail)
 
 
-def check_multi_feasible(cost3, k, target, name="cost", complete=_local, offsets=(0, 0)):
+def check_multi_feasible(cost3, k, target, name="cost", complete=_local, offsets=(0, 0), verdicts=None,
+                         forbidden=True):
     """Multi-assignment: each row needs k allowed entries in columns that take units; each column
-    j needs ``target_j`` allowed rows (entries are at most 1)."""
+    j needs ``target_j`` allowed rows (entries are at most 1).
+
+    ``forbidden=False``: the cost is known to have no ``+inf`` entry (no pass over it).
+    """
+    if verdicts is None:
+        return _now(check_multi_feasible, cost3, k, target, name, complete, offsets, forbidden=forbidden)
     B, N, _ = cost3.shape
-    if isinstance(cost3, torch.Tensor):
+    if isinstance(cost3, torch.Tensor) and forbidden:
         allowed = torch.isfinite(cost3)
         per_row = complete((allowed & (target > 0).unsqueeze(-2)).sum(-1), 2)
         per_col = complete(allowed.sum(-2), 1)
-    else:  # FeatureCost: every entry allowed
+    else:  # no forbidden entry (a FeatureCost has none)
         per_row = complete((target > 0).sum(-1, keepdim=True).expand(B, N), 2)
         per_col = complete(torch.full_like(target, N, dtype=torch.long), 1)
-    bad = per_row < k * (1 - 1e-6)
-    if bad.any():
-        raise ValueError(f"{name} makes the problem infeasible: row{_where(bad, B, offsets[0])} needs "
-                         f"k={k:g} assignments (each at most 1) but has only {int(per_row[bad][0])} allowed "
-                         f"entries in columns with a positive target k * N * b_j")
-    bad = per_col < target * (1 - 1e-6)
-    if bad.any():
-        raise ValueError(f"{name} makes the problem infeasible: column{_where(bad, B, offsets[1])} must "
-                         f"receive k * N * b_j = {float(target[bad][0]):.6g} units (each entry at most 1) "
-                         f"but has only {int(per_col[bad][0])} allowed entries")
+    bad_row = per_row < k * (1 - 1e-6)
+    bad_col = per_col < target * (1 - 1e-6)
+
+    def row():
+        raise ValueError(f"{name} makes the problem infeasible: row{_where(bad_row, B, offsets[0])} needs "
+                         f"k={k:g} assignments (each at most 1) but has only {int(per_row[bad_row][0])} "
+                         f"allowed entries in columns with a positive target k * N * b_j")
+
+    def col():
+        raise ValueError(f"{name} makes the problem infeasible: column{_where(bad_col, B, offsets[1])} "
+                         f"must receive k * N * b_j = {float(target[bad_col][0]):.6g} units (each entry at "
+                         f"most 1) but has only {int(per_col[bad_col][0])} allowed entries")
+    verdicts.add(~bad_row, row)
+    verdicts.add(~bad_col, col)
 
 
 def check_positive(x, name):
@@ -268,28 +383,34 @@ def check_eps_schedule(eps_schedule, eps):
     return sched
 
 
-def check_init(init, cost3, batched):
+def check_init(init, cost3, batched, verdicts=None):
     """Warm-start potentials ``(f, g)``: shapes of the marginals; returns ``(B, N)``, ``(B, M)``.
 
     Infinite entries are allowed (a result's zero-mass or all-forbidden
-    lines have them); NaN is not.
+    lines have them); NaN is not (queued on ``verdicts`` if given).
     """
     if init is None:
         return None
+    if verdicts is None:
+        return _now(check_init, init, cost3, batched)
     if not isinstance(init, (tuple, list)) or len(init) != 2:
         raise TypeError(f"init must be a pair (f, g) of tensors; got {type(init).__name__}")
     dtype = compute_dtype(cost3)
     out = []
     for x, name, dim in ((init[0], "init[0] (f)", 1), (init[1], "init[1] (g)", 2)):
         w = check_marginal(x, name, cost3, dim, batched)
-        if torch.isnan(w).any():
+
+        def fail(w=w, name=name):
             raise ValueError(f"{name} must not contain NaN; got {int(torch.isnan(w).sum())} NaN entries")
+        verdicts.add(~torch.isnan(w), fail)
         out.append(w.to(dtype))
     return tuple(out)
 
 
-def check_mass(mass, a, b):
+def check_mass(mass, a, b, verdicts=None):
     """Partial OT: ``0 < mass <= min(sum a, sum b)`` per problem; returns a ``(B,)`` tensor."""
+    if verdicts is None:
+        return _now(check_mass, mass, a, b)
     if isinstance(mass, bool) or not isinstance(mass, (Real, torch.Tensor)):
         raise TypeError(f"mass must be a positive float; got {type(mass).__name__}")
     if isinstance(mass, torch.Tensor):
@@ -300,9 +421,11 @@ def check_mass(mass, a, b):
         mass = mass.detach().reshape(-1)
     m = torch.as_tensor(mass, dtype=a.dtype, device=a.device).expand(a.shape[0])
     limit = torch.minimum(a.sum(-1), b.sum(-1))
-    if not torch.isfinite(m).all() or (m <= 0).any() or (m > limit * (1 + 1e-6)).any():
+
+    def fail():
         raise ValueError(f"mass must satisfy 0 < mass <= min(sum(a), sum(b)) = {limit.min().item():.6g}; "
                          f"got {mass}")
+    verdicts.add(torch.isfinite(m) & (m > 0) & (m <= limit * (1 + 1e-6)), fail)
     return torch.minimum(m, limit)
 
 
@@ -424,7 +547,7 @@ def check_finite_inputs(*named: Tuple[Optional[torch.Tensor], str]) -> None:
     :func:`check_cost_values`; an overflowing sum merely takes the detailed path.
     """
     tensors = [(x, name) for x, name in named if x is not None and x.numel() > 0]
-    if not tensors:
+    if not tensors or compiling():  # a host read: skipped under torch.compile (docs/api.md)
         return
     acc = torch.float64 if any(x.dtype == torch.float64 for x, _ in tensors) else torch.float32
     with torch.no_grad():
@@ -452,7 +575,7 @@ def check_forbid_diagonal(shape: Tuple[int, int]) -> None:
 def check_exp_logits_finite(loss: torch.Tensor, preds: Sequence[torch.Tensor], temperature: float) -> None:
     """A BCE on logits ``exp(pred / temperature)`` whose true value exceeds its dtype raises, naming
     ``temperature``, instead of returning inf (one sync; the message is built only on failure)."""
-    if bool(torch.isfinite(loss)):
+    if compiling() or bool(torch.isfinite(loss)):  # a host read: skipped under torch.compile
         return
     u_max = max(float(p.detach().max()) for p in preds) / temperature
     raise ValueError(f"the Multi-SK loss overflows {loss.dtype}: its value exceeds the largest {loss.dtype} "

@@ -7,7 +7,6 @@ Gradients: with ``grad="unroll"`` every tensor of a result is differentiable
 ``grad="none"`` nothing carries gradient.
 """
 from dataclasses import dataclass, field, fields
-from functools import cached_property
 from typing import Any, Callable, Optional
 
 import torch
@@ -15,6 +14,29 @@ import torch
 from ._backend import get_steps
 from ._distributed import LOCAL, ROWS
 from .solvers._numerics import no_mass
+
+
+class cached_property:
+    """``functools.cached_property`` without its lock, so that ``torch.compile`` can trace it.
+
+    (Python < 3.12 takes an ``RLock`` on every first access, which Dynamo
+    cannot enter.) The value is stored in the instance's ``__dict__`` under
+    the property's name, as functools does.
+    """
+
+    def __init__(self, fn):
+        self.fn, self.name, self.__doc__ = fn, fn.__name__, fn.__doc__
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        cache = obj.__dict__
+        if self.name not in cache:
+            cache[self.name] = self.fn(obj)
+        return cache[self.name]
 
 
 @dataclass(frozen=True, repr=False, eq=False)

@@ -63,7 +63,8 @@ def _check_k(k: Optional[int], n_anchors: int) -> int:
 
 def multi_sk_targets(target: Tensor, *, k: Optional[int] = None, eps: Scalar = 0.07, n_iters: int = 20,
                      queue: Optional[Tensor] = None, backend: str = "auto",
-                     process_group: Optional[Any] = None) -> Tuple[Tensor, Tensor, MultiAssignmentResult]:
+                     process_group: Optional[Any] = None,
+                     _queue_live: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, MultiAssignmentResult]:
     """Soft multi-assignment targets of the last N rows, no gradient.
 
     ``X = multi_assignment_sinkhorn(-0.75 * [queue; target], k, eps=eps, n_iters=n_iters).assignment``
@@ -84,17 +85,23 @@ def multi_sk_targets(target: Tensor, *, k: Optional[int] = None, eps: Scalar = 0
 
     Returns:
         ``(targets, assignment, result)``: (…, N, K), (…, N, K) and the solver result.
+
+    (``_queue_live``: (Q,) bool, the queue rows that take part; the others get
+    no assignment. :class:`MultiSKLoss` keeps one problem shape as its queue fills.)
     """
     k_ = _check_k(k, target.shape[-1])
     with torch.no_grad(), no_autocast(target.device):
         dtype = loss_dtype(target, queue)
         s = target.detach().to(dtype)
+        rows = None
         if queue is not None and queue.shape[-2] > 0:
             s = torch.cat([queue.detach().to(dtype), s], dim=-2)
+            if _queue_live is not None:
+                rows = torch.cat([_queue_live, _queue_live.new_ones(target.shape[-2])])
         res = multi_assignment_sinkhorn(-_SCORE_SCALE * s, k_, eps=V.check_positive_scalar(eps, "eps"),
                                         n_iters=n_iters, grad="none", backend=backend,
                                         process_group=process_group,
-                                        shard_dim=None if process_group is None else -2)
+                                        shard_dim=None if process_group is None else -2, row_mask=rows)
         x = res.assignment[..., -target.shape[-2]:, :].to(dtype)
         return _rowwise_minmax(x), x, res
 
@@ -337,21 +344,32 @@ class MultiSKLoss(nn.Module):
             for j in ("a", "b"):
                 terms.append((f"in_{m}<-joint_{m}[z_{j}]", f"x_{m}", f"in_{m}", f"z_{j}", f"joint_{m}"))
                 terms.append((f"joint_{j}[z_{m}]<-in_{j}", f"z_{m}", f"joint_{j}", f"x_{j}", f"in_{j}"))
-        # FIFO, newest rows last: while the queue fills, its last queue_rows rows are the past features
-        queue_rows = min(int(self.queue_count), self.queue_size)
+        # FIFO, newest rows last: while the queue fills, its last queue_rows rows are the past features.
+        # Without a group the whole buffer joins the problem and a mask leaves out the rows not yet
+        # filled: one shape (no recompilation under torch.compile) and no host read.
+        live = None
+        if group is None:
+            queue_rows: Any = self.queue_count.clamp(max=self.queue_size)
+            if self.queue_size > 0:
+                slots = torch.arange(self.queue_size, device=self.queue_count.device)
+                live = slots >= self.queue_size - queue_rows
+            n_past = self.queue_size
+        else:
+            queue_rows = n_past = min(int(self.queue_count), self.queue_size)
         # With a group the queues are the same on every rank: each rank contributes its share.
-        part = slice(None) if group is None else D.rank_slice(queue_rows, group)
+        part = slice(None) if group is None else D.rank_slice(n_past, group)
         # all terms share (N [+ Q], K): one batched multi-assignment solve instead of len(terms)
         with torch.no_grad():
             targets, queues = [], []
             for _, _, _, tf, ta in terms:
                 targets.append(feats[tf].detach() @ anchors[ta].detach().T)
-                if queue_rows > 0:
-                    past = getattr(self, f"queue_{tf}")[-queue_rows:][part]
+                if n_past > 0:
+                    past = getattr(self, f"queue_{tf}")[-n_past:][part]
                     queues.append(F.normalize(past, dim=1).to(targets[-1].dtype) @ anchors[ta].detach().T)
             queue = torch.stack(queues) if queues else None
             y, x, res = multi_sk_targets(torch.stack(targets), k=self.k, eps=self.eps, n_iters=self.n_iters,
-                                         queue=queue, backend=self.backend, process_group=group)
+                                         queue=queue, backend=self.backend, process_group=group,
+                                         _queue_live=live)
         preds, outs, details = [], [], {}
         for t, (key, pf, pa, _, _) in enumerate(terms):
             pred = feats[pf] @ anchors[pa].T
@@ -371,7 +389,7 @@ class MultiSKLoss(nn.Module):
             nce = info_nce_loss(z_a, z_b, temperature=self.info_nce_temperature, process_group=group)
             total = total + self.info_nce_weight * nce
         if return_details:
-            return total, MultiSKModuleDetails(terms=details, queue_rows=queue_rows)
+            return total, MultiSKModuleDetails(terms=details, queue_rows=int(queue_rows))
         return total
 
     def extra_repr(self) -> str:

@@ -51,7 +51,8 @@ class SwAMPDetails:
 
 
 def swav_targets(scores: Tensor, *, eps: Scalar = 0.05, n_iters: int = 3, backend: str = "auto",
-                 process_group: Optional[Any] = None) -> Tuple[Tensor, SinkhornResult]:
+                 process_group: Optional[Any] = None,
+                 _live: Optional[Tensor] = None) -> Tuple[Tensor, SinkhornResult]:
     """SwAV's ``distributed_sinkhorn`` (world size 1) in the log domain, no gradient.
 
     ``Q = N * sinkhorn(-S^T, eps=eps, n_iters=n_iters).plan^T``: the prototype
@@ -71,13 +72,22 @@ def swav_targets(scores: Tensor, *, eps: Scalar = 0.05, n_iters: int = 3, backen
 
     Returns:
         ``(Q, result)``: (N, K) tensor whose rows sum to 1, and the solver result.
+
+    (``_live``: (N,) bool, the rows that take part, the others with zero mass:
+    :class:`SwAMPLoss` keeps one problem shape whether its queue joins or not.)
     """
     with torch.no_grad(), no_autocast(scores.device):
         s = scores.detach().to(loss_dtype(scores))
-        res = sinkhorn(-s.T, eps=V.check_positive_scalar(eps, "eps"), n_iters=n_iters, grad="none",
+        weights = None
+        total: Any = s.shape[0]
+        if process_group is not None:
+            total = D.total_rows(s.shape[0], process_group, s.device)
+        if _live is not None:
+            total = _live.sum().to(s.dtype)
+            weights = _live.to(s.dtype) / total
+        res = sinkhorn(-s.T, b=weights, eps=V.check_positive_scalar(eps, "eps"), n_iters=n_iters, grad="none",
                        backend=backend, process_group=process_group,
                        shard_dim=None if process_group is None else 1)
-        total = s.shape[0] if process_group is None else D.total_rows(s.shape[0], process_group, s.device)
         q = total * res.plan.T
     return q, res
 
@@ -86,13 +96,14 @@ def swav_targets(scores: Tensor, *, eps: Scalar = 0.05, n_iters: int = 3, backen
 def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = ..., temperature: Scalar = ...,
                n_iters: int = ..., queue_a: Optional[Tensor] = ..., queue_b: Optional[Tensor] = ...,
                normalize: bool = ..., backend: str = ..., process_group: Optional[Any] = ...,
-               return_details: Literal[False] = ...) -> Tensor: ...
+               _queue_live: Optional[Tensor] = ..., return_details: Literal[False] = ...) -> Tensor: ...
 
 
 @overload
 def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = ..., temperature: Scalar = ...,
                n_iters: int = ..., queue_a: Optional[Tensor] = ..., queue_b: Optional[Tensor] = ...,
                normalize: bool = ..., backend: str = ..., process_group: Optional[Any] = ...,
+               _queue_live: Optional[Tensor] = ...,
                return_details: Literal[True]) -> Tuple[Tensor, SwAMPDetails]: ...
 
 
@@ -100,13 +111,15 @@ def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = ..
 def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = ..., temperature: Scalar = ...,
                n_iters: int = ..., queue_a: Optional[Tensor] = ..., queue_b: Optional[Tensor] = ...,
                normalize: bool = ..., backend: str = ..., process_group: Optional[Any] = ...,
+               _queue_live: Optional[Tensor] = ...,
                return_details: bool = ...) -> Union[Tensor, Tuple[Tensor, SwAMPDetails]]: ...
 
 
 def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = 0.05, temperature: Scalar = 0.1,
                n_iters: int = 3, queue_a: Optional[Tensor] = None, queue_b: Optional[Tensor] = None,
                normalize: bool = True, backend: str = "auto", process_group: Optional[Any] = None,
-               return_details: bool = False) -> Union[Tensor, Tuple[Tensor, SwAMPDetails]]:
+               return_details: bool = False,
+               _queue_live: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, SwAMPDetails]]:
     """Swapped cross-entropy between the two members of each pair, SwAV pseudo-labels.
 
     ``L = 1/2 [ -1/N sum_ik Q_b[i,k] log p_a(k|i) - 1/N sum_ik Q_a[i,k] log p_b(k|i) ]``,
@@ -137,6 +150,9 @@ def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = 0.
             with equal local batches trains exactly as one process on the
             whole batch. None: one process.
         return_details: also return a :class:`SwAMPDetails`.
+        _queue_live: (private, :class:`SwAMPLoss`) a 0-d bool tensor: whether the
+            queues take part; when False they join with zero mass, which gives
+            the targets of the batch alone with the problem's shape unchanged.
 
     Returns:
         Scalar tensor (fp32; fp64 for fp64 inputs); with ``return_details``,
@@ -184,20 +200,24 @@ def swamp_loss(z_a: Tensor, z_b: Tensor, prototypes: Tensor, *, eps: Scalar = 0.
 
     q_parts, res_parts = [], []
     for scores, z, queue in ((scores_a, z_a, queue_a), (scores_b, z_b, queue_b)):
+        live = None
         with torch.no_grad():
             s = scores.detach()
             qz = None
             if queue is not None and queue.shape[0] > 0:
                 qz = (F.normalize(queue, dim=1) if normalize else queue).detach()
         rows = n + (0 if qz is None else qz.shape[0])
-        if qz is not None and process_group is None and \
+        if qz is not None and process_group is None and _queue_live is None and \
                 rows * prototypes.shape[0] * torch.finfo(dtype).bits // 8 > STREAM_QUEUE_BYTES:
             q, res = _streamed_targets(s, z, qz, prototypes, eps, n_iters, backend)
         else:
             if qz is not None:
                 with torch.no_grad():
                     s = torch.cat([(qz.to(prototypes.dtype) @ prototypes.T).detach().to(dtype), s], dim=0)
-            q, res = swav_targets(s, eps=eps, n_iters=n_iters, backend=backend, process_group=process_group)
+                    if _queue_live is not None:
+                        live = torch.cat([_queue_live.expand(qz.shape[0]), _queue_live.new_ones(n)])
+            q, res = swav_targets(s, eps=eps, n_iters=n_iters, backend=backend, process_group=process_group,
+                                  _live=live)
         q_parts.append(q[-n:])
         res_parts.append(res)
     q_a, q_b = q_parts
@@ -315,16 +335,27 @@ class SwAMPLoss(nn.Module):
             if self.renormalize_prototypes:
                 with torch.no_grad():
                     self.prototypes.copy_(F.normalize(self.prototypes, dim=1))
-            if int(self.num_steps) < self.freeze_prototypes_steps:
-                prototypes = prototypes.detach()
+            if self.freeze_prototypes_steps > 0:
+                if V.compiling():  # no host read: a zero gradient (not None) while frozen
+                    frozen = self.num_steps < self.freeze_prototypes_steps
+                    prototypes = torch.where(frozen, prototypes.detach(), prototypes)
+                elif int(self.num_steps) < self.freeze_prototypes_steps:
+                    prototypes = prototypes.detach()
             self.num_steps += 1
-        use_queue = self.queue_size > 0 and int(self.queue_count) >= self.queue_size
+        live = None
+        if self.queue_size > 0 and group is None:
+            # The queues always join, with zero mass until full: the batch-alone targets, one problem
+            # shape (no recompilation under torch.compile) and no host read.
+            use_queue, live = True, self.queue_count >= self.queue_size
+        else:
+            use_queue = self.queue_size > 0 and int(self.queue_count) >= self.queue_size
         # With a group the queues are the same on every rank: each rank contributes its share.
         part = slice(None) if group is None else D.rank_slice(self.queue_size, group)
         out = swamp_loss(z_a, z_b, prototypes, eps=self.eps, temperature=self.temperature,
                          n_iters=self.n_iters, queue_a=self.queue_a[part] if use_queue else None,
                          queue_b=self.queue_b[part] if use_queue else None, normalize=self.normalize,
-                         backend=self.backend, process_group=group, return_details=return_details)
+                         backend=self.backend, process_group=group, return_details=return_details,
+                         _queue_live=live)
         if self.queue_size > 0 and self.training:
             self._push(z_a, z_b)
         if self.info_nce_weight > 0:

@@ -40,15 +40,31 @@ class ScalingSteps:
     ``row_lse`` / ``col_lse`` have the signatures of their ``_torch_steps``
     twins (the ``cost`` and ``shift`` arguments must be the ones this object
     was built for); every other step is the reference's.
+
+    Adaptive (default): whether a mat-vec can be trusted is read from the
+    device at every half-step (two host syncs), and an exact step re-anchors
+    the kernel when it cannot. ``deferred``: no host read at all; the
+    mat-vec is always taken (an exact step only for a new eps) and the
+    verdicts accumulate on the device in ``trusted``, which the loop reads
+    with its checks (``run_loop``: at each convergence check, or once at the
+    end with ``tol=None``): if any half-step was not trustworthy the solve
+    is redone with :meth:`adapt`; after a trusted solve
+    :meth:`stop_deferring` makes later passes (``value``) adaptive. Potentials usually stay within the
+    kernel's range after the first step (fp64; fp32 with eps >~ 0.05 x the
+    cost's spread), so the redo is rare; it costs one deferred run.
     """
 
-    def __init__(self, cost, dtype, shift=None, forbidden=False, row_min=None):
+    def __init__(self, cost, dtype, shift=None, forbidden=False, row_min=None, deferred=False):
         self._cost, self._dtype, self._shift = cost, dtype, shift
+        self._deferred = deferred
+        # on the device: every deferred half-step so far was trustworthy (None: adaptive)
+        self.trusted = torch.ones((), dtype=torch.bool, device=cost.device) if deferred else None
         # Row minima seed the first kernel, exp((min_j C_ij - C_ij)/eps) <= 1, without a
         # log-domain step: one exp pass for a short solve (SwAV's three iterations).
         self._seed = None
         if row_min is not None and shift is None:
             self._seed = row_min.detach().to(dtype).masked_fill(~torch.isfinite(row_min), 0.0)
+        self._seed0 = self._seed
         # All-forbidden lines have an all-zero line of K: an output of 0 there is exact.
         allowed = torch.isfinite(cost) if forbidden else None
         self._dead_rows = None if allowed is None else ~allowed.any(-1)
@@ -67,14 +83,37 @@ class ScalingSteps:
     def __getattr__(self, name):
         return getattr(_torch_steps, name)
 
+    def stop_deferring(self):
+        """After a trusted deferred solve: keep the kernel, check every later product (adaptive)."""
+        self._deferred, self.trusted = False, None
+
+    def snapshot(self):
+        """The cached kernel and anchors, for :meth:`restore` (a deferred run going back to a check)."""
+        return dict(self.__dict__)
+
+    def restore(self, state):
+        self.__dict__.update(state)
+
+    def adapt(self):
+        """Start afresh in adaptive mode (after a deferred run that was not trustworthy)."""
+        self._deferred, self.trusted = False, None
+        self._seed, self._eps = self._seed0, None
+        self._K = self._p = self._q = None
+
     def _offset(self, h, anchor, eps):
         """``(exp((h - anchor) / eps), max)`` if within ``exp(+-tau)`` of the cached kernel, else None.
 
         Zero-mass entries (``h = -inf``) get weight 0 and are exempt from the range.
+        Deferred: the range verdict goes to ``trusted`` and ``max`` is a tensor.
         """
         if self._K is None or eps != self._eps:
             return None
         w = torch.exp((h - anchor) / eps)
+        if self._deferred:
+            hi_t = w.amax()
+            low = torch.where(torch.isneginf(h), self._w_max, w).amin() < self._w_min
+            self.trusted = self.trusted & (hi_t <= self._w_max) & ~low  # NaN fails
+            return w, hi_t
         lo, hi = torch.stack([w.amin(), w.amax()]).tolist()  # one host sync
         if not hi <= self._w_max:  # also catches NaN
             return None
@@ -130,7 +169,11 @@ class ScalingSteps:
     def _trusted(self, s, hi, n_terms, dead):
         """Whether every mat-vec output ``s`` is far enough above the underflow noise of the kernel."""
         ok = s > n_terms * hi * self._tiny_over_u
-        return bool((ok if dead is None else ok | dead).all())
+        ok = (ok if dead is None else ok | dead).all()
+        if self._deferred:
+            self.trusted = self.trusted & ok
+            return True
+        return bool(ok)
 
     def _shifted(self):
         """The shifted cost as a fresh buffer (recomputed, not kept: exact steps are rare)."""
@@ -172,7 +215,12 @@ class ScalingSteps:
         """
         self._eps = eps
         bad_p, bad_q = ~torch.isfinite(p), ~torch.isfinite(q)
-        if bool(bad_p.any()) or bool(bad_q.any()):
+        if self._deferred:
+            # No host read: an infinite anchor (a zero-mass line) makes the run untrusted, and it is
+            # redone adaptively; rebuilding its lines here would take several N x M temporaries.
+            self.trusted = self.trusted & ~(bad_p.any() | bad_q.any())
+            p, q = p.masked_fill(bad_p, 0.0), q.masked_fill(bad_q, 0.0)
+        elif bool(bad_p.any()) or bool(bad_q.any()):
             # The new lines of K are normalised exponentials of the exponents their anchors come
             # from, not exp(p + q - C): where the anchors are large (a zero-mass line without
             # offsets next to C + 1e6) that sum rounds by far more than eps and would overflow.

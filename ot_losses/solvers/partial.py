@@ -7,8 +7,8 @@ from .. import _distributed as D
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import PartialOTResult
-from ._loop import (GRADS, Problem, converged, cost_shift, fold, make_steps, max_change, run_loop, unbatch,
-                    value_of)
+from ._loop import (GRADS, Problem, converged, cost_checks, cost_shift, fold, make_steps, max_change,
+                    run_loop, settle, unbatch, value_of)
 from ._numerics import in_cost_units, no_mass, weighted_exp
 from ._types import CostLike, Scalar
 from ._update import Update
@@ -41,10 +41,18 @@ class _BregmanProblem(Problem):
         B, N, M = cost.shape
         self.f = cost.new_zeros((B, N), dtype=log_a.dtype)
         self.g = cost.new_zeros((B, M), dtype=log_a.dtype)
-        self.w = no_mass((self.g + steps.col_lse(cost, self.f, eps, shift=shift)) / eps)
-        self._eps = eps  # the eps of w (partial_ot has no eps schedule: one eps throughout)
+        self._eps0 = self._eps = eps  # the eps of w (partial_ot has no eps schedule: one eps throughout)
+        self.w = self._start_w()
         self._old = None
         self._elog = (None, None, None)
+
+    def _start_w(self):
+        eps = self._eps0
+        return no_mass((self.g + self.steps.col_lse(self.cost, self.f, eps, shift=self.shift)) / eps)
+
+    def restart(self, state):
+        super().restart(state)
+        self.w = self._start_w()  # computed with the steps being replaced
 
     @property
     def t(self):
@@ -252,6 +260,7 @@ def partial_ot(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[tor
         (0.5, True)
     """
     shard = D.shard_of(cost, process_group, shard_dim)
+    checks = V.Verdicts()  # value checks, read from the device together (one host sync)
     with shard.checks():  # with a group, an error on any rank is raised on every rank
         cost3, batched = V.check_cost(cost)
         eps, n_iters, tol = V.check_iterations(eps, n_iters, tol)
@@ -264,25 +273,27 @@ def partial_ot(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[tor
             dummy_cost = V.check_positive_scalar(dummy_cost, "dummy_cost")
         name = resolve_backend(backend, cost3.device)
         V.check_grad_backend(grad, name)
-        forbidden, stats = V.check_cost_values(cost3)
+        stats = cost_checks(cost3, checks)
     # Totals in float64: the dummy masses are differences of nearly equal sums (mass = min(sum a,
     # sum b) is common), and a float32 sum's rounding depends on the memory layout.
-    ma, mb = shard.totals(aw.double(), bw.double(), check=(a is not None, b is not None))
+    ma, mb = shard.totals(aw.double(), bw.double(), check=(a is not None, b is not None), verdicts=checks)
     with shard.checks():
-        m = V.check_mass(mass, ma.unsqueeze(-1), mb.unsqueeze(-1))  # totals as one-entry marginals
+        m = V.check_mass(mass, ma.unsqueeze(-1), mb.unsqueeze(-1), verdicts=checks)  # totals as marginals
     log_dummy = ((mb - m).log(), (ma - m).log())
     ma, mb, m = (x.to(aw.dtype) for x in (ma, mb, m))
-    if shard.any(forbidden):
-        with shard.checks():
-            V.check_feasible(cost3, aw, bw, balanced=False, complete=shard.total, offsets=shard.offsets)
-        with shard.checks():
-            V.check_partial_feasible(cost3, aw, bw, m, complete=shard.total)
 
+    def feasible(v):
+        V.check_feasible(cost3, aw, bw, balanced=False, complete=shard.total, offsets=shard.offsets,
+                         verdicts=v)
+        V.check_partial_feasible(cost3, aw, bw, m, complete=shard.total, verdicts=v)
     dtype = V.compute_dtype(cost3)
+    forbidden, stats, take = settle(checks, shard, cost3, stats, dtype, per_line=False, feasible=feasible)
+
     # A fixed transported mass makes the plan invariant to a constant added to the cost (not to
     # row or column offsets: the marginals are only bounds).
-    shift = cost_shift(stats, dtype, per_line=False, unroll=grad == "unroll", shard=shard)
-    steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden, row_min=stats[0]))
+    shift = cost_shift(stats, dtype, per_line=False, unroll=grad == "unroll", shard=shard, take=take)
+    steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden, row_min=stats[0],
+                                   deferred=shard is D.LOCAL))
     unroll = grad == "unroll"
     loop_cost = cost3 if unroll else cost3.detach()
     la, lb = (aw, bw) if unroll else (aw.detach(), bw.detach())
@@ -294,6 +305,7 @@ def partial_ot(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[tor
             ld, lc = (x.to(aw.dtype) if unroll else x.detach().to(aw.dtype) for x in log_dummy)
             problem = _DummyProblem(steps, loop_cost, la.log(), lb.log(), ld, lc, shift, shard)
         iters, err = run_loop(problem, eps, n_iters, tol, [], "partial_ot")
+        err = checks.poison(err)  # under compile: a failed value check reads as NaN
     fp, gp = problem.plan_potentials(eps)
     f, g = problem.potentials(eps)
     if method == "bregman":

@@ -8,8 +8,8 @@ from .. import _distributed as D
 from .. import _validate as V
 from .._backend import resolve_backend
 from ..results import SinkhornResult
-from ._loop import (GRADS, Problem, converged, cost_shift, fold, make_steps, max_change, run_loop,
-                    start_potentials, unbatch, value_of)
+from ._loop import (GRADS, Problem, converged, cost_checks, cost_shift, fold, make_steps, max_change,
+                    run_loop, settle, start_potentials, unbatch, value_of)
 from ._numerics import in_cost_units, no_mass, weighted_exp
 from ._types import CostLike, Scalar
 from ._update import Update, finish
@@ -39,6 +39,7 @@ class _SinkhornProblem(Problem):
         self._old = None
         self._next_row = None  # the row pass of the last check, valid until g changes
         self._eps = self._updates = None
+        self.cost_range = None  # unbalanced: the cost's extreme allowed entries, (B,) each
 
     def run(self, eps, count):
         if self.fused is None or count == 0:
@@ -72,6 +73,9 @@ class _SinkhornProblem(Problem):
     def mark(self):
         self._old = (self.f, self.g)
 
+    def final_checks(self, eps):
+        return [] if self.rho is None else _representable(self, eps, self.f.dtype, self.shard)
+
     def error(self, eps):
         if self.rho is not None:  # the optimum does not meet the marginals: report the potential change
             return torch.maximum(self.shard.peak(max_change(self.f, self._old[0]), D.ROWS),
@@ -84,14 +88,15 @@ class _SinkhornProblem(Problem):
         return self.shard.sum((r - self.log_a.exp()).abs(), D.ROWS)
 
 
-def _check_representable(problem, eps, dtype, shard, stats, shift):
+def _representable(problem, eps, dtype, shard):
     """Unbalanced results that ``dtype`` cannot hold are errors, not inf/NaN or noise.
 
-    Two limits, one host sync. The plan's mass (one row pass): optima may
-    carry more than ``dtype`` holds (costs far below 0 against reach). The
-    potentials' size: unbalanced problems are not invariant to a constant
-    added to the cost, so the potentials keep the cost's offset, and in
-    ``(f_i + g_j - C_ij) / eps`` its rounding alone (``u * size / eps``)
+    Two limits, returned as ``(ok, fail)`` pairs for ``V.Verdicts.add`` (read
+    with the loop's other final checks). The plan's mass (one row pass):
+    optima may carry more than ``dtype`` holds (costs far below 0 against
+    reach). The potentials' size: unbalanced problems are not invariant to a
+    constant added to the cost, so the potentials keep the cost's offset, and
+    in ``(f_i + g_j - C_ij) / eps`` its rounding alone (``u * size / eps``)
     can exceed 1: the plan would then be rounding noise.
     """
     def top(x):
@@ -101,25 +106,27 @@ def _check_representable(problem, eps, dtype, shard, stats, shift):
         lr = problem._row_pass(eps)
         log_rows = no_mass(fold(problem.f + lr, problem.log_a, eps) / eps)
         log_mass = shard.lse(log_rows, D.ROWS)
-        # the cost's extreme allowed entries, over the whole problem on every rank
-        lo = -shard.peak_all(torch.where(torch.isfinite(stats[0]), -stats[0], -math.inf).amax(-1))
-        hi = shard.peak_all(torch.where(torch.isfinite(stats[1]), stats[1], -math.inf).amax(-1))
-        off = 0.0 if shift is None else shift[0][..., 0]
+        lo, hi = problem.cost_range
+        off = 0.0 if problem.shift is None else problem.shift[0][..., 0]
         size = torch.maximum((lo - off).abs(), (hi - off).abs()).to(dtype).nan_to_num(0.0, 0.0, 0.0)
         size = size + shard.peak(top(problem.f), D.ROWS) + shard.peak(top(problem.g), D.COLS)
         noise = torch.finfo(dtype).eps * size / eps
-        mass_max, noise_max, size_max = torch.stack([log_mass.max(), noise.max(), size.max()]).tolist()
     limit = math.log(torch.finfo(dtype).max)
     hint = ", or use float64" if dtype != torch.float64 else ""
-    if not mass_max <= limit:
-        raise ValueError(f"cost and reach give an unbalanced plan whose mass, exp({mass_max:.4g}), exceeds "
-                         f"the largest {dtype} (exp({limit:.4g})): the cost is far below 0 relative to "
-                         f"reach; add a constant to the cost or raise reach{hint}")
-    if noise_max > 1:
-        raise ValueError(f"unbalanced potentials and cost entries of size {size_max:.4g} at eps={eps:.4g} "
-                         f"exceed the precision of {dtype}: the plan's exponents (f_i + g_j - C_ij)/eps "
-                         f"carry a rounding error of up to {noise_max:.3g} (an unbalanced problem keeps "
-                         f"the cost's offset in its potentials); use a larger eps{hint}")
+
+    def too_heavy():
+        raise ValueError(f"cost and reach give an unbalanced plan whose mass, "
+                         f"exp({float(log_mass.max()):.4g}), exceeds the largest {dtype} (exp({limit:.4g})): "
+                         f"the cost is far below 0 relative to reach; add a constant to the cost or raise "
+                         f"reach{hint}")
+
+    def too_coarse():
+        raise ValueError(f"unbalanced potentials and cost entries of size {float(size.max()):.4g} at "
+                         f"eps={eps:.4g} exceed the precision of {dtype}: the plan's exponents "
+                         f"(f_i + g_j - C_ij)/eps carry a rounding error of up to {float(noise.max()):.3g} "
+                         f"(an unbalanced problem keeps the cost's offset in its potentials); use a larger "
+                         f"eps{hint}")
+    return [(~(log_mass > limit), too_heavy), (noise <= 1, too_coarse)]
 
 
 def _kl(r, log_ratio, w):
@@ -198,7 +205,10 @@ def sinkhorn(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[torch
     ``solvers/_scaling.py``): the iterates are those of the log-domain
     algorithm, nothing overflows at eps = 1e-3, and converged iterations cost
     two mat-vecs instead of two ``exp`` passes over the cost. It keeps one
-    ``(B, N, M)`` kernel in the compute dtype alive with the result.
+    ``(B, N, M)`` kernel in the compute dtype alive with the result. With
+    ``tol=None`` a call reads the device at most twice (docs/api.md,
+    "torch.compile and host syncs"); under ``torch.compile`` the plain
+    log-domain steps are traced.
 
     Args:
         cost: (N, M) or (B, N, M) floating tensor; ``+inf`` forbids an entry.
@@ -251,6 +261,7 @@ def sinkhorn(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[torch
     Chizat et al. (2018) and Sejourne et al. (2019) for the unbalanced updates.
     """
     shard = D.shard_of(cost, process_group, shard_dim)
+    checks = V.Verdicts()  # value checks, read from the device together (one host sync)
     with shard.checks():  # with a group, an error on any rank is raised on every rank
         cost3, batched = V.check_cost(cost)
         eps, n_iters, tol = V.check_iterations(eps, n_iters, tol)
@@ -260,26 +271,28 @@ def sinkhorn(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[torch
         V.check_grad_group(grad, process_group)
         aw = shard.marginal(a, "a", cost3, 1, batched)
         bw = shard.marginal(b, "b", cost3, 2, batched)
-        init = V.check_init(init, cost3, batched)
+        init = V.check_init(init, cost3, batched, verdicts=checks)
         name = resolve_backend(backend, cost3.device)
         V.check_grad_backend(grad, name)
-        forbidden, stats = V.check_cost_values(cost3)
-    ma, mb = shard.totals(aw, bw, check=(a is not None, b is not None))  # uniform weights need no check
-    if rho is None or all(math.isinf(r) for r in rho):
-        rho = None
-        if a is not None or b is not None:
-            with shard.checks():
-                V.check_equal_mass(ma.unsqueeze(-1), mb.unsqueeze(-1))  # totals as one-entry marginals
-    if shard.any(forbidden):
-        with shard.checks():
-            V.check_feasible(cost3, aw, bw, balanced=rho is None, complete=shard.total, offsets=shard.offsets)
-
+        if rho is not None and all(math.isinf(r) for r in rho):
+            rho = None
+        stats = cost_checks(cost3, checks)
+    ma, mb = shard.totals(aw, bw, check=(a is not None, b is not None), verdicts=checks)  # uniform: no check
+    if rho is None and (a is not None or b is not None):
+        # the totals as one-entry marginals
+        V.check_equal_mass(ma.unsqueeze(-1), mb.unsqueeze(-1), verdicts=checks)
     dtype = V.compute_dtype(cost3)
+    forbidden, stats, take = settle(checks, shard, cost3, stats, dtype, per_line=rho is None,
+                                    feasible=lambda v: V.check_feasible(
+                                        cost3, aw, bw, balanced=rho is None, complete=shard.total,
+                                        offsets=shard.offsets, verdicts=v))
+
     # Balanced plans do not change when a constant is added to a row or a column; unbalanced ones
     # do, so only one constant per problem is taken out there.
     shift = cost_shift(stats, dtype, per_line=rho is None, unroll=grad == "unroll", shard=shard, cost3=cost3,
-                       masses=(aw, bw))
-    steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden, row_min=stats[0]))
+                       masses=(aw, bw), take=take)
+    steps = shard.steps(make_steps(name, grad, cost3, dtype, shift, forbidden, row_min=stats[0],
+                                   deferred=shard is D.LOCAL))
     B, N, M = cost3.shape
     f, g = start_potentials(init, shift, cost3.shape, dtype, cost3.device)
     unroll = grad == "unroll"
@@ -290,16 +303,19 @@ def sinkhorn(cost: CostLike, a: Optional[torch.Tensor] = None, b: Optional[torch
         if name == "triton" and rho is None and steps.balanced_small_supported(N, M, dtype):
             fused = steps.balanced_small  # all iterations between checks in one launch
         problem = _SinkhornProblem(steps, loop_cost, log_a, log_b, f, g, rho, shift, fused, shard)
+        if rho is not None:  # the cost's extreme allowed entries, over the whole problem on every rank
+            problem.cost_range = (
+                -shard.peak_all(torch.where(torch.isfinite(stats[0]), -stats[0], -math.inf).amax(-1)),
+                shard.peak_all(torch.where(torch.isfinite(stats[1]), stats[1], -math.inf).amax(-1)))
         iters, err = run_loop(problem, eps, n_iters, tol, schedule, "sinkhorn")
+        err = checks.poison(err)  # under compile: a failed value check reads as NaN
     f, g = problem.f, problem.g  # outside "unroll" the loop ran without grad: already detached
-    if rho is not None:
-        _check_representable(problem, eps, dtype, shard, stats, shift)
     scale = ma.detach() if rho is None else torch.full_like(err, eps)
     fo, go = in_cost_units(f, g, shift)
     return SinkhornResult(
         f=unbatch(fo, batched), g=unbatch(go, batched), n_iters=iters,
         marginal_error=unbatch(err, batched), converged=unbatch(converged(err, tol, scale), batched),
         _cost=loop_cost, _fp=fold(f, log_a, eps), _gp=fold(g, log_b, eps), _eps=eps,
-        _batched=batched, _steps=steps, _differentiable=unroll, _shift=shift,
+        _batched=batched, _steps=steps, _differentiable=unroll, _shift=shift, _shard=shard,
         _value_fn=value_of(grad, cost3, aw, bw, _value_terms(steps, eps, rho, f, g, shift, shard), steps, eps,
                            shift))
