@@ -120,6 +120,7 @@ def main():
         print(f"held-out retrieval a->b top-1: {hits.item():.3f} ({len(z_a)} pairs, chance "
               f"{1 / len(z_a):.3f}), {world} process(es)")
     if distributed:
+        dist.barrier()  # no rank tears the group down while another still uses it (rank 0's evaluation)
         dist.destroy_process_group()
 
 
