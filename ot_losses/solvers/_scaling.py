@@ -46,11 +46,13 @@ class ScalingSteps:
     mat-vec is always taken (an exact step only for a new eps) and the
     verdicts accumulate on the device in ``trusted``, which the loop reads
     with its checks (``run_loop``: at each convergence check, or once at the
-    end with ``tol=None``): if any half-step was not trustworthy the solve
-    is redone with :meth:`adapt`; after a trusted solve
-    :meth:`stop_deferring` makes later passes (``value``) adaptive. Potentials usually stay within the
-    kernel's range after the first step (fp64; fp32 with eps >~ 0.05 x the
-    cost's spread), so the redo is rare; it costs one deferred run.
+    end with ``tol=None``). If a half-step was not trustworthy, the loop
+    goes back to the previous check's state and continues adaptively
+    (:meth:`stop_deferring`), or starts again adaptively (:meth:`adapt`)
+    when there is no such state. After a trusted solve :meth:`stop_deferring`
+    makes later passes (``value``) adaptive. Potentials usually stay within
+    the kernel's range after the first step (fp64; fp32 with eps >~ 0.05 x
+    the cost's spread), so going back is rare.
     """
 
     def __init__(self, cost, dtype, shift=None, forbidden=False, row_min=None, deferred=False):
