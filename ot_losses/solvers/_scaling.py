@@ -47,18 +47,21 @@ class ScalingSteps:
     mat-vec is always taken (an exact step only for a new eps) and the
     verdicts accumulate on the device in ``trusted``, which the loop reads
     with its checks (``run_loop``: at each convergence check, or once at the
-    end with ``tol=None``): if any half-step was not trustworthy the solve
-    is redone with :meth:`adapt`; after a trusted solve
-    :meth:`stop_deferring` makes later passes (``value``) adaptive. Potentials usually stay within the
-    kernel's range after the first step (fp64; fp32 with eps >~ 0.05 x the
-    cost's spread), so the redo is rare; it costs one deferred run.
+    end with ``tol=None``). If a half-step was not trustworthy, the loop
+    goes back to the previous check's state and continues adaptively
+    (:meth:`stop_deferring`), or starts again adaptively (:meth:`adapt`)
+    when there is no such state. After a trusted solve :meth:`stop_deferring`
+    makes later passes (``value``) adaptive. Potentials usually stay within
+    the kernel's range after the first step (fp64; fp32 with eps >~ 0.05 x
+    the cost's spread), so going back is rare.
     """
 
     def __init__(self, cost, dtype, shift=None, forbidden=False, row_min=None, deferred=False):
         self._cost, self._dtype, self._shift = cost, dtype, shift
         self._deferred = deferred
-        # on the device: every deferred half-step so far was trustworthy (None: adaptive)
-        self.trusted = torch.ones((), dtype=torch.bool, device=cost.device) if deferred else None
+        # Deferred: the half-steps' 0-d verdicts, reduced only when ``trusted`` is read (fewer small
+        # ops per half-step, whose dispatch dominates at a few hundred rows).
+        self._verdicts = [torch.ones((), dtype=torch.bool, device=cost.device)]
         # Row minima seed the first kernel, exp((min_j C_ij - C_ij)/eps) <= 1, without a
         # log-domain step: one exp pass for a short solve (SwAV's three iterations).
         self._seed = None
@@ -69,6 +72,7 @@ class ScalingSteps:
         allowed = torch.isfinite(cost) if forbidden else None
         self._dead_rows = None if allowed is None else ~allowed.any(-1)
         self._dead_cols = None if allowed is None else ~allowed.any(-2)
+        self._tau = _TAU[dtype]
         self._w_max = math.exp(_TAU[dtype])
         self._w_min = math.exp(-_TAU[dtype])
         info = torch.finfo(dtype)
@@ -83,9 +87,22 @@ class ScalingSteps:
     def __getattr__(self, name):
         return getattr(_torch_steps, name)
 
+    @property
+    def trusted(self):
+        """On the device: every deferred half-step so far was trustworthy (None: adaptive)."""
+        if not self._deferred:
+            return None
+        if len(self._verdicts) > 1:
+            self._verdicts = [torch.stack(self._verdicts).all()]
+        return self._verdicts[0]
+
+    @trusted.setter
+    def trusted(self, verdict):
+        self._verdicts = [verdict]
+
     def stop_deferring(self):
         """After a trusted deferred solve: keep the kernel, check every later product (adaptive)."""
-        self._deferred, self.trusted = False, None
+        self._deferred, self._verdicts = False, []
 
     def snapshot(self):
         """The cached kernel and anchors, for :meth:`restore` (a deferred run going back to a check)."""
@@ -96,7 +113,7 @@ class ScalingSteps:
 
     def adapt(self):
         """Start afresh in adaptive mode (after a deferred run that was not trustworthy)."""
-        self._deferred, self.trusted = False, None
+        self._deferred, self._verdicts = False, []
         self._seed, self._eps = self._seed0, None
         self._K = self._p = self._q = None
 
@@ -108,12 +125,15 @@ class ScalingSteps:
         """
         if self._K is None or eps != self._eps:
             return None
-        w = torch.exp((h - anchor) / eps)
         if self._deferred:
-            hi_t = w.amax()
-            low = torch.where(torch.isneginf(h), self._w_max, w).amin() < self._w_min
-            self.trusted = self.trusted & (hi_t <= self._w_max) & ~low  # NaN fails
-            return w, hi_t
+            # exp(-tau) <= w <= exp(tau) on the entries with mass (z = -inf: none), from the exponents;
+            # NaN fails. Three small ops: their dispatch, not their work, is the cost here.
+            z = (h - anchor) / eps
+            span = torch.linalg.vector_norm(torch.nan_to_num(z, nan=math.inf, neginf=0.0), math.inf)
+            self._verdicts.append(span <= self._tau)
+            w = torch.exp(z)
+            return w, w.amax()
+        w = torch.exp((h - anchor) / eps)
         lo, hi = torch.stack([w.amin(), w.amax()]).tolist()  # one host sync
         if not hi <= self._w_max:  # also catches NaN
             return None
@@ -171,7 +191,7 @@ class ScalingSteps:
         ok = s > n_terms * hi * self._tiny_over_u
         ok = (ok if dead is None else ok | dead).all()
         if self._deferred:
-            self.trusted = self.trusted & ok
+            self._verdicts.append(ok)
             return True
         return bool(ok)
 
