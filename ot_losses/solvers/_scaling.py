@@ -188,7 +188,7 @@ class ScalingSteps:
 
     def _trusted(self, s, hi, n_terms, dead):
         """Whether every mat-vec output ``s`` is far enough above the underflow noise of the kernel."""
-        ok = s > n_terms * hi * self._tiny_over_u
+        ok = s > hi * (n_terms * self._tiny_over_u)  # one tensor op when hi is a tensor (deferred)
         ok = (ok if dead is None else ok | dead).all()
         if self._deferred:
             self._verdicts.append(ok)
@@ -258,6 +258,8 @@ class ScalingSteps:
     def _bmm(self, x, y):
         # A caller's autocast region must not turn the products into fp16/bf16
         # (the scaling vectors span exp(+-tau)).
+        if not torch.is_autocast_enabled(x.device.type):  # entering the context costs more than the product
+            return torch.bmm(x, y)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return torch.bmm(x, y)
 

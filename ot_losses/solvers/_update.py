@@ -76,12 +76,11 @@ def prepare(h, eps, update, reduced, shard=D.LOCAL):
 def finish(L, eps, update, off=None):
     """The new potential from the log-sum-exp ``L``; ``(new, w)`` when ``update.t`` is given."""
     new = L if update.t is None else L + update.t.unsqueeze(-1)
-    new = -update.damp * new
+    new = -new if update.damp == 1 else -update.damp * new
     if update.damp_offset and off is not None:
         new = new - (1 - update.damp) * off
     if update.elog_cap is not None:
-        zero = torch.zeros((), dtype=new.dtype, device=new.device)
-        new = torch.minimum(zero, fold_in(new, update.elog_cap))
+        new = fold_in(new, update.elog_cap).clamp(max=0.0)  # min(0, .); NaN stays NaN
     if update.t is not None:
         return new, no_mass((new + L) / eps)
     return new
