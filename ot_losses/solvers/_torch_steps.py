@@ -33,14 +33,25 @@ from . import _update as U
 from ._numerics import lse, no_mass, shifted_cost
 
 
+def _over_eps(p, cost, eps, shift, own=False):
+    """``no_mass((p - C') / eps)`` with ``C'`` the shifted cost; ``p`` broadcasts against it.
+
+    Without autograd the N x M temporary is reused in place (one allocation, not three;
+    none with ``own``: ``p`` is a full-size temporary of the caller's, overwritten).
+    """
+    c = shifted_cost(cost, p.dtype, shift)
+    if torch.is_grad_enabled() and (p.requires_grad or c.requires_grad):
+        return no_mass((p - c) / eps)
+    z = p.sub_(c) if own else p - c
+    return torch.nan_to_num_(z.div_(eps), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+
+
 def _row_lse(cost, h, eps, shift=None):
-    z = no_mass((h.unsqueeze(-2) - shifted_cost(cost, h.dtype, shift)) / eps)
-    return eps * lse(z, -1)
+    return eps * lse(_over_eps(h.unsqueeze(-2), cost, eps, shift), -1)
 
 
 def _col_lse(cost, h, eps, shift=None):
-    z = no_mass((h.unsqueeze(-1) - shifted_cost(cost, h.dtype, shift)) / eps)
-    return eps * lse(z, -2)
+    return eps * lse(_over_eps(h.unsqueeze(-1), cost, eps, shift), -2)
 
 
 def row_lse(cost, h, eps, shift=None, update=None):
@@ -58,17 +69,21 @@ def col_lse(cost, h, eps, shift=None, update=None):
 
 
 def _logit(cost, u, v, eps, shift):
-    return no_mass((u.unsqueeze(-1) + v.unsqueeze(-2) - shifted_cost(cost, u.dtype, shift)) / eps)
+    return _over_eps(u.unsqueeze(-1) + v.unsqueeze(-2), cost, eps, shift, own=True)
+
+
+def _sigmoid_lse(cost, u, v, eps, shift, dim):
+    z = _logit(cost, u, v, eps, shift)
+    l1 = eps * lse(F.logsigmoid(z), dim)
+    return l1, eps * lse(F.logsigmoid(-z if z.requires_grad else z.neg_()), dim)
 
 
 def _row_sigmoid_lse(cost, u, v, eps, shift=None):
-    z = _logit(cost, u, v, eps, shift)
-    return eps * lse(F.logsigmoid(z), -1), eps * lse(F.logsigmoid(-z), -1)
+    return _sigmoid_lse(cost, u, v, eps, shift, -1)
 
 
 def _col_sigmoid_lse(cost, u, v, eps, shift=None):
-    z = _logit(cost, u, v, eps, shift)
-    return eps * lse(F.logsigmoid(z), -2), eps * lse(F.logsigmoid(-z), -2)
+    return _sigmoid_lse(cost, u, v, eps, shift, -2)
 
 
 def row_sigmoid_lse(cost, u, v, eps, shift=None, update=None):
