@@ -96,17 +96,20 @@ def naive_multi(cost, k, b, eps, n_iters, dtype=None):
 def swav_exp_loop(scores, eps, n_iters):
     """SwAV's ``distributed_sinkhorn`` (world size 1), exp domain, as in docs/methods.md section 1.
 
-    scores (B, K) -> Q (B, K) with rows summing to 1. Prototype side first.
+    scores (B, K) -> Q (B, K) with rows summing to 1. Prototype side first; in place on its own
+    ``Q``, as SwAV's code does (an out-of-place loop allocates and faults in a new ``Q`` per
+    division and runs about 2.5x slower on CPU).
     """
     q = torch.exp(scores.float() / eps).t()      # (K, B)
     k_protos, batch = q.shape
-    q = q / q.sum()
+    q /= q.sum()
     for _ in range(n_iters):
-        q = q / q.sum(dim=1, keepdim=True)
-        q = q / k_protos
-        q = q / q.sum(dim=0, keepdim=True)
-        q = q / batch
-    return (q * batch).t()
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k_protos
+        q /= q.sum(dim=0, keepdim=True)
+        q /= batch
+    q *= batch
+    return q.t()
 
 
 def multisk_layered(scores, r, eps, n_iters):

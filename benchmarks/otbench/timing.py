@@ -154,12 +154,35 @@ def _status(key):
 
 
 _CPU_PEAK = os.path.exists("/proc/self/clear_refs")
-if _CPU_PEAK:
+try:
+    _LIBC = ctypes.CDLL("libc.so.6") if _CPU_PEAK else None
+except OSError:
+    _CPU_PEAK, _LIBC = False, None
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _while_held(result, read):
+    """``read()`` while ``result`` (a call's output, counted in its peak) is still referenced."""
+    return read()
+
+
+def _cpu_peak(fn, n_iters):
+    """RSS high-water mark of one call, beyond the RSS before it (glibc; see :func:`peak_memory`)."""
+    # During the call, blocks over 128 KiB are mapped and unmapped on free, so the high-water
+    # mark is live memory, not freed blocks the heap kept. Only here: unmapping every temporary
+    # costs page faults (SwAV's loop runs 2.5x slower), so the timings run with the thresholds a
+    # warm process reaches on its own (glibc raises them up to 32 MiB as large blocks are freed).
+    _LIBC.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    _LIBC.malloc_trim(0)  # free heap pages the timings left resident would hide new allocations
     try:
-        # Freed large blocks go back to the system at once, so the RSS high-water mark is live memory.
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except OSError:
-        _CPU_PEAK = False
+        base = _status("VmRSS:")
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        peak = _while_held(fn(n_iters), lambda: _status("VmHWM:") - base)
+    finally:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, 64 * 1024 * 1024)
+    return max(peak, 0)
 
 
 def peak_memory(fn, n_iters, device):
@@ -172,17 +195,11 @@ def peak_memory(fn, n_iters, device):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        raw = fn(n_iters)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(device) - base
-        del raw
-        return peak
+
+        def read():
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated(device) - base
+        return _while_held(fn(n_iters), read)
     if not _CPU_PEAK:
         return None
-    base = _status("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    raw = fn(n_iters)
-    peak = _status("VmHWM:") - base
-    del raw
-    return max(peak, 0)
+    return _cpu_peak(fn, n_iters)
