@@ -150,6 +150,9 @@ def cost_shift(stats, dtype, per_line, unroll=False, shard=D.LOCAL, cost3=None, 
     the problems that do not need them: zero offsets change no iterate, and
     the graph does not branch on values.
     """
+    compiling = V.compiling()
+    if take is not None and not take and not compiling:  # decided by the caller: no work here
+        return None
     row_min, row_max, col_min, col_max = (x if unroll else x.detach() for x in stats)
     row_min, row_max, col_min, col_max = (x.to(dtype) for x in (row_min, row_max, col_min, col_max))
     row_min, row_max = shard.low(row_min, D.COLS), shard.peak(row_max, D.COLS)
@@ -157,7 +160,7 @@ def cost_shift(stats, dtype, per_line, unroll=False, shard=D.LOCAL, cost3=None, 
 
     finite = _finite
     big = shift_needed(stats, dtype, per_line, shard)
-    if V.compiling():
+    if compiling:
         take = True
     elif take is None:
         take = bool(big.any())  # one host sync
