@@ -5,7 +5,8 @@ freed buffer goes back to the system at once), and reads the resident-set
 high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) around
 the call: the growth is what the solve held at its peak. A 2000 x 2000
 fp32 buffer is 15.3 MiB; ``.plan`` must not add another (the solve's
-cached kernel becomes the plan).
+cached kernel becomes the plan). Multi-assignment returns its N x M
+assignment: that is its one buffer, its steps' temporaries are row blocks.
 """
 import json
 import os
@@ -44,6 +45,7 @@ _SCRIPT = textwrap.dedent("""
         "unbalanced": lambda c: lib.sinkhorn(c, eps=0.05, n_iters=50, reach=1.0),
         "bregman": lambda c: lib.partial_ot(c, mass=0.5, eps=0.05, n_iters=50),
         "dummy": lambda c: lib.partial_ot(c, mass=0.5, eps=0.05, n_iters=50, method="dummy"),
+        "multi": lambda c: lib.multi_assignment_sinkhorn(c, 10, eps=0.05, n_iters=20),
     }
     solve = calls[kind]
     solve(cost[:40, :40].contiguous())   # warm-up: libraries, allocator
@@ -53,7 +55,7 @@ _SCRIPT = textwrap.dedent("""
     res = solve(cost)
     peak_solve = status("VmHWM:") - base
     kept = status("VmRSS:") - base
-    plan = res.plan
+    plan = res.assignment if kind == "multi" else res.plan
     peak_plan = status("VmHWM:") - base
     print(json.dumps({"solve": peak_solve / buffer, "kept": kept / buffer, "plan": peak_plan / buffer,
                       "finite": bool(torch.isfinite(plan).all())}))
@@ -62,7 +64,7 @@ _SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 @pytest.mark.parametrize("kind", ["balanced", "offsets", "bf16", "small_eps", "swav", "unbalanced",
-                                  "bregman", "dummy"])
+                                  "bregman", "dummy", "multi"])
 def test_dense_solve_holds_one_buffer(kind):
     env = dict(os.environ, TRITON_INTERPRET="0", MALLOC_MMAP_THRESHOLD_="131072")
     out = subprocess.run([sys.executable, "-c", _SCRIPT, "2000", kind], capture_output=True, text=True,
@@ -71,7 +73,8 @@ def test_dense_solve_holds_one_buffer(kind):
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["finite"]
-    # one fp32 N x M buffer (the cached kernel), plus O(N + M) vectors and block temporaries
+    # one fp32 N x M buffer (the cached kernel; multi: the assignment it returns), plus O(N + M)
+    # vectors and block temporaries
     assert got["solve"] < 1.3, f"solve peaked at {got['solve']:.2f} buffers beyond the cost"
     assert got["kept"] < 1.1, f"the result keeps {got['kept']:.2f} buffers"
     assert got["plan"] < 1.3, f".plan peaked at {got['plan']:.2f} buffers beyond the cost"

@@ -2,9 +2,14 @@
 import torch
 
 
-# Elements per block of the compensated subtraction: its temporaries stay a few MB
-# (and in cache) instead of several N x M buffers.
-_SHIFT_BLOCK = 2 ** 18
+# Elements per block of the row-blocked computations (the compensated subtraction, the
+# sigmoid steps): their temporaries stay a few MB (and in cache) instead of N x M buffers.
+_BLOCK = 2 ** 18
+
+
+def block_rows(B, N, M):
+    """Rows per block of a (B, N, M) computation whose blocks hold at most ``_BLOCK`` elements."""
+    return N if B * N * M <= _BLOCK else max(1, _BLOCK // (B * M))
 
 
 def shifted_cost(cost, dtype, shift=None):
@@ -24,7 +29,7 @@ def shifted_cost(cost, dtype, shift=None):
         return cost.to(dtype) - shift[0].unsqueeze(-1)
     r, s = shift[0].unsqueeze(-1), shift[1].unsqueeze(-2)
     B, N, M = cost.shape
-    rows = N if B * N * M <= _SHIFT_BLOCK else max(1, _SHIFT_BLOCK // (B * M))
+    rows = block_rows(B, N, M)
     if rows >= N:
         return _compensated(cost.to(dtype), r, s)
     out = torch.empty((B, N, M), dtype=dtype, device=cost.device)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _update as U
-from ._numerics import lse, no_mass, shifted_cost
+from ._numerics import block_rows, lse, no_mass, shifted_cost
 
 
 def _over_eps(p, cost, eps, shift, own=False):
@@ -72,10 +72,27 @@ def _logit(cost, u, v, eps, shift):
     return _over_eps(u.unsqueeze(-1) + v.unsqueeze(-2), cost, eps, shift, own=True)
 
 
-def _sigmoid_lse(cost, u, v, eps, shift, dim):
+def _sigmoid_lse_block(cost, u, v, eps, shift, dim):
     z = _logit(cost, u, v, eps, shift)
-    l1 = eps * lse(F.logsigmoid(z), dim)
-    return l1, eps * lse(F.logsigmoid(-z if z.requires_grad else z.neg_()), dim)
+    l1 = lse(F.logsigmoid(z), dim)
+    return l1, lse(F.logsigmoid(-z if z.requires_grad else z.neg_()), dim)
+
+
+def _sigmoid_lse(cost, u, v, eps, shift, dim):
+    N = cost.shape[1]
+    rows = block_rows(*cost.shape)
+    if rows >= N or (torch.is_grad_enabled() and any(t.requires_grad for t in (cost, u, v))):
+        l1, l0 = _sigmoid_lse_block(cost, u, v, eps, shift, dim)
+        return eps * l1, eps * l0
+    # In row blocks: the N x M temporaries (logits, log-sigmoids, the log-sum-exp's exponentials)
+    # stay block-sized, so a solve holds no N x M buffer but its result. Column sums combine the
+    # blocks' log-sum-exps.
+    parts = [_sigmoid_lse_block(cost[:, i:i + rows], u[:, i:i + rows], v, eps,
+                                None if shift is None else (shift[0][:, i:i + rows], shift[1]), dim)
+             for i in range(0, N, rows)]
+    if dim == -1:
+        return tuple(eps * torch.cat(side, -1) for side in zip(*parts))
+    return tuple(eps * torch.logsumexp(torch.stack(side), 0) for side in zip(*parts))
 
 
 def _row_sigmoid_lse(cost, u, v, eps, shift=None):

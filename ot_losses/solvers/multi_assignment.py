@@ -223,7 +223,8 @@ def multi_assignment_sinkhorn(cost: CostLike, k: float, b: Optional[torch.Tensor
                                           else target.detach().clamp(max=N), step_shift, start, shard, live)
         iters, err = run_loop(problem, eps, n_iters, tol, [], "multi_assignment_sinkhorn")
         err = checks.poison(err)  # under compile: a failed value check reads as NaN
-        assignment = torch.sigmoid(steps.log_plan(loop_cost, problem.u, problem.v, eps, shift=step_shift))
+        logits = steps.log_plan(loop_cost, problem.u, problem.v, eps, shift=step_shift)
+        assignment = torch.sigmoid(logits) if logits.requires_grad else logits.sigmoid_()  # a fresh buffer
     conv = converged(err, tol, k * N)
     u, v = in_cost_units(problem.u, problem.v, shift)
     return MultiAssignmentResult(
