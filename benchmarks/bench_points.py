@@ -15,7 +15,12 @@ standard normal points divided by sqrt(D), with the cost
   runs its own eps-scaling schedule, so its iteration count differs and it
   has no time per iteration);
 - ``pot``: POT ``ot.sinkhorn(..., method="sinkhorn_log")`` on ``ot.dist``
-  (numpy, CPU only).
+  (numpy, CPU only);
+- ``flash-sinkhorn``: flash-sinkhorn's ``SamplesLoss("sinkhorn", p=2,
+  half_cost=True, backend="alternating", eps=eps, n_iters=n_iters,
+  use_epsilon_scaling=False, debias=False)``: the same alternating
+  iterations at the same fixed eps, streamed like ``features`` (CUDA and
+  sqeuclidean only; its defaults otherwise, TF32 dot products included).
 
 Each (contender, problem) runs in its own subprocess, which reports the
 median time over ``--repeats`` after a warm-up call and its peak memory
@@ -56,7 +61,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # this checkout's ot_losses, installed or not
-CONTENDERS = ("features", "dense", "geomloss", "pot")
+CONTENDERS = ("features", "dense", "geomloss", "pot", "flash-sinkhorn")
+STREAMED = ("features", "flash-sinkhorn")   # never store the N x M cost
 GIB = 2 ** 30
 
 
@@ -109,6 +115,13 @@ def _solver(name, kind, eps, n_iters, workspace):
         loss = SamplesLoss("sinkhorn", p=2, blur=math.sqrt(eps), scaling=0.9, debias=False,
                            backend="tensorized")
         return lambda x, y: float(loss(x, y))
+    if name == "flash-sinkhorn":
+        from flash_sinkhorn import SamplesLoss as FlashLoss
+        if kind != "sqeuclidean":
+            raise NotImplementedError("flash-sinkhorn's cost is the squared Euclidean distance")
+        flash = FlashLoss("sinkhorn", p=2, half_cost=True, backend="alternating", eps=eps, n_iters=n_iters,
+                          use_epsilon_scaling=False, debias=False)
+        return lambda x, y: float(flash(x, y))
     if name == "pot":
         import numpy as np
         import ot
@@ -215,6 +228,7 @@ def write_report(rows, meta, out, tag):
         lines.append("| " + " | ".join(str(c) for c in head + cells) + " |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    print(f"wrote {stem}.json, {stem}.md")
     return stem
 
 
@@ -255,7 +269,8 @@ def main(argv=None):
         dims = [int(s) for s in (args.dims or default_dims).split(",")]
         kinds, contenders, iters = args.kinds.split(","), args.contenders.split(","), args.iters
     available = {"geomloss": importlib.util.find_spec("geomloss") is not None,
-                 "pot": importlib.util.find_spec("ot") is not None}
+                 "pot": importlib.util.find_spec("ot") is not None,
+                 "flash-sinkhorn": importlib.util.find_spec("flash_sinkhorn") is not None}
     itemsize = 8 if args.dtype == "float64" else 4
     rows = []
     for kind in kinds:
@@ -268,11 +283,13 @@ def main(argv=None):
                            "contender": name, "eps": args.eps}
                     if not available.get(name, True):
                         row["skipped"] = f"{name} not installed"
-                    elif name == "geomloss" and kind != "sqeuclidean":
-                        row["skipped"] = "no dot cost in GeomLoss' tensorized samples loss"
+                    elif name in ("geomloss", "flash-sinkhorn") and kind != "sqeuclidean":
+                        row["skipped"] = f"no dot cost in {name}'s samples loss"
                     elif name == "pot" and device != "cpu":
                         row["skipped"] = "numpy (CPU) contender"
-                    elif name != "features" and 3 * n * n * itemsize > args.max_dense_gib * GIB:
+                    elif name == "flash-sinkhorn" and device != "cuda":
+                        row["skipped"] = "CUDA only"
+                    elif name not in STREAMED and 3 * n * n * itemsize > args.max_dense_gib * GIB:
                         row["skipped"] = f"dense N x M over --max-dense-gib={args.max_dense_gib}"
                     else:
                         spec = {"contender": name, "kind": kind, "n": n, "d": d, "dtype": args.dtype,

@@ -6,7 +6,10 @@
 #   4. runs the short GPU benchmark (`bench_sinkhorn.py --check`: dense 4096-16384 fp32, bf16 8192,
 #      SwAV shapes, batched 64 x 256^2, unbalanced, partial, multi; POT, flash-sinkhorn and GeomLoss
 #      where installed) within the time budget, tables under benchmarks/results/<device>-<date>-check.*;
-#   5. prints a summary; exits 1 if a CUDA test fails or errs, the benchmark crashes, or an ot_losses
+#   5. runs the feature-cost benchmark (`bench_points.py`: N = M = 4000 and 20000, D = 3 and 64,
+#      sqeuclidean; FeatureCost against flash-sinkhorn at the same iterations, and the dense path),
+#      tables under benchmarks/results/points-cuda-<date>.*;
+#   6. prints a summary; exits 1 if a CUDA test fails or errs, a benchmark crashes, or an ot_losses
 #      benchmark row errs or disagrees with the float64 reference.
 # The whole run stays under GPU_CHECK_BUDGET seconds (default 480): the benchmark starts no new
 # problem once its share is spent and lists the problems it left out.
@@ -210,7 +213,8 @@ fi
 section "4. benchmark (bench_sinkhorn.py --check)"
 # Leave 90 s after the last problem starts (one large problem, the reference, the tables), and kill
 # the run 15 s before the budget ends at the latest.
-left=$((budget - SECONDS))
+points_share=${GPU_CHECK_POINTS_SECONDS:-150}   # kept for step 5
+left=$((budget - SECONDS - points_share))
 bench_budget=$((left - 90 > 20 ? left - 90 : 20))
 bench_kill=$((left - 15 > 30 ? left - 15 : 30))
 bench_args=(--check --time-budget "$bench_budget" --out "$out")
@@ -251,6 +255,41 @@ else
 fi
 rm -f "$bench_log"
 
+# ---------------------------------------------------------------------------- 5. feature costs
+section "5. feature-cost benchmark (bench_points.py)"
+points_kill=$((budget - SECONDS - 10 > 30 ? budget - SECONDS - 10 : 30))
+points_args=(--sizes 4000,20000 --dims 3,64 --kinds sqeuclidean --contenders features,flash-sinkhorn,dense
+             --out "$out")
+[ "$dry_run" = 0 ] || points_args=(--quick --device cpu --kinds sqeuclidean --contenders features,dense
+                                   --out "$out")
+points_log=$(mktemp "${TMPDIR:-/tmp}/gpu_check_points.XXXXXX")
+echo "  $PY benchmarks/bench_points.py ${points_args[*]}"
+set +e
+with_limit "$points_kill" "$PY" benchmarks/bench_points.py "${points_args[@]}" 2>&1 | tee "$points_log"
+points_rc=${PIPESTATUS[0]}
+set -e
+# One JSON line per row as it finishes: a run cut short by the budget still reports its rows.
+points_status=$("$PY" - "$points_log" "$points_rc" <<'PY'
+import json
+import sys
+
+rows = []
+for line in open(sys.argv[1]):
+    if line.startswith("{"):
+        rows.append(json.loads(line))
+ours = [r for r in rows if r["contender"] == "features"]
+bad = [f"N={r['n']} D={r['d']}: {r['error']}" for r in ours if "error" in r]
+bad += [f"N={r['n']} D={r['d']}: err {r['err']:.1e}" for r in ours if r.get("err", 0) > 1e-3]
+done = "" if sys.argv[2] == "0" else f" (cut short: exit {sys.argv[2]})"
+print(f"{len(rows)} rows{done}; FeatureCost rows: {len(ours)}, "
+      + ("all ran and agree" if not bad else "FAILED: " + "; ".join(bad)))
+PY
+)
+points_failed=0
+case $points_status in *FAILED*) points_failed=1 ;; esac
+points_tables=$(sed -n 's/^wrote //p' "$points_log" | tail -n 1)
+rm -f "$points_log"
+
 # ---------------------------------------------------------------------------- summary
 section "summary (${SECONDS} s of a ${budget} s budget)"
 echo "  $gpu_line"
@@ -258,11 +297,13 @@ grep -E '^(torch|triton):' "$env_file" | sed 's/^/  /'
 echo "  CUDA tests: $tests_status${tests_counts:+ - $tests_counts}"
 echo "  benchmark: $bench_status"
 echo "  tables: ${tables:-none}"
+echo "  feature costs: $points_status"
+echo "  feature-cost tables: ${points_tables:-none}"
 echo "  environment: $env_file; test log: $( [ -f "$tests_log" ] && echo "$tests_log" || echo none)"
 if [ ${#missing[@]} -gt 0 ]; then
   echo "  skipped for lack of a package: $(joined "${missing[@]}")"
 fi
-if [ "$tests_failed" = 1 ] || [ "$bench_failed" = 1 ]; then
+if [ "$tests_failed" = 1 ] || [ "$bench_failed" = 1 ] || [ "$points_failed" = 1 ]; then
   echo "gpu_check: FAILED"
   exit 1
 fi

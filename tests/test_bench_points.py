@@ -21,8 +21,8 @@ SCRIPT = ROOT / "benchmarks" / "bench_points.py"
 def test_quick_run_writes_rows(tmp_path):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    args = ["--quick", "--device", "cpu", "--kinds", "dot", "--contenders", "features,dense,geomloss",
-            "--out", str(tmp_path)]
+    args = ["--quick", "--device", "cpu", "--kinds", "dot", "--contenders",
+            "features,dense,geomloss,flash-sinkhorn", "--out", str(tmp_path)]
     proc = subprocess.run([sys.executable, str(SCRIPT)] + args, capture_output=True, text=True, timeout=600,
                           env=env, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -30,8 +30,9 @@ def test_quick_run_writes_rows(tmp_path):
     report = json.loads(path.read_text())
     assert report["meta"]["device"] == "cpu" and report["meta"]["torch"]
     rows = {(r["kind"], r["contender"]): r for r in report["rows"]}
-    assert len(rows) == 3
+    assert len(rows) == 4
     assert "skipped" in rows[("dot", "geomloss")]     # no dot cost there: a row saying so, no subprocess
+    assert "skipped" in rows[("dot", "flash-sinkhorn")]
     for name in ("features", "dense"):
         row = rows[("dot", name)]
         assert "error" not in row, row
@@ -39,3 +40,4 @@ def test_quick_run_writes_rows(tmp_path):
         assert row["peak_bytes"] is None or row["peak_bytes"] >= 0
         assert row["err"] < 1e-4, row       # 100 iterations at eps 0.1: converged to fp32 rounding
     assert path.with_suffix(".md").exists()
+    assert f"wrote {path}" in proc.stdout

@@ -57,6 +57,15 @@ def test_dry_run_writes_tables_test_log_and_environment(dry_run):
     assert f"torch: {torch.__version__}" in env and "TRITON_INTERPRET='0'" in env
 
 
+def test_dry_run_runs_the_feature_cost_benchmark(dry_run):
+    stdout, out = dry_run
+    (table,) = out.glob("points-cpu-*-quick.json")
+    rows = json.loads(table.read_text())["rows"]
+    assert {r["contender"] for r in rows} == {"features", "dense"}
+    assert all("error" not in r and r["err"] < 1e-4 for r in rows), rows
+    assert "feature costs: 2 rows; FeatureCost rows: 1, all ran and agree" in stdout
+
+
 def test_dry_run_collects_the_cuda_tests_and_they_skip(dry_run):
     stdout, out = dry_run
     (log,) = out.glob("*-tests.txt")
