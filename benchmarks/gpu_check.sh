@@ -63,6 +63,15 @@ have() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec
 with_limit() {  # with_limit SECONDS cmd...: a hung GPU job must not outlast the budget
   if command -v timeout >/dev/null; then timeout -k 10 "$@"; else shift; "$@"; fi
 }
+run_script() {  # run_script SECONDS LOG script args...: prints the command, tees its output to LOG, sets script_rc
+  local limit=$1 log=$2
+  shift 2
+  echo "  $PY $*"
+  set +e
+  with_limit "$limit" "$PY" "$@" 2>&1 | tee "$log"
+  script_rc=${PIPESTATUS[0]}
+  set -e
+}
 joined() { if [ $# -eq 0 ]; then echo nothing; else local IFS=';' s; s="$*"; echo "${s//;/; }"; fi; }
 has_wheel() {  # wheel file names spell the project lower-case, '_' for '-'
   local f name
@@ -220,11 +229,8 @@ bench_kill=$((left - 15 > 30 ? left - 15 : 30))
 bench_args=(--check --time-budget "$bench_budget" --out "$out")
 [ "$dry_run" = 0 ] || bench_args+=(--quick --device cpu)
 bench_log=$(mktemp "${TMPDIR:-/tmp}/gpu_check_bench.XXXXXX")
-echo "  $PY benchmarks/bench_sinkhorn.py ${bench_args[*]}"
-set +e
-with_limit "$bench_kill" "$PY" benchmarks/bench_sinkhorn.py "${bench_args[@]}" 2>&1 | tee "$bench_log"
-bench_rc=${PIPESTATUS[0]}
-set -e
+run_script "$bench_kill" "$bench_log" benchmarks/bench_sinkhorn.py "${bench_args[@]}"
+bench_rc=$script_rc
 tables=$(sed -n 's/^wrote //p' "$bench_log" | tail -n 1)
 bench_failed=0 bench_status="FAILED (exit $bench_rc)"
 if [ "$bench_rc" = 0 ] && [ -n "$tables" ]; then
@@ -263,11 +269,8 @@ points_args=(--sizes 4000,20000 --dims 3,64 --kinds sqeuclidean --contenders fea
 [ "$dry_run" = 0 ] || points_args=(--quick --device cpu --kinds sqeuclidean --contenders features,dense
                                    --out "$out")
 points_log=$(mktemp "${TMPDIR:-/tmp}/gpu_check_points.XXXXXX")
-echo "  $PY benchmarks/bench_points.py ${points_args[*]}"
-set +e
-with_limit "$points_kill" "$PY" benchmarks/bench_points.py "${points_args[@]}" 2>&1 | tee "$points_log"
-points_rc=${PIPESTATUS[0]}
-set -e
+run_script "$points_kill" "$points_log" benchmarks/bench_points.py "${points_args[@]}"
+points_rc=$script_rc
 # One JSON line per row as it finishes: a run cut short by the budget still reports its rows.
 points_status=$("$PY" - "$points_log" "$points_rc" <<'PY'
 import json
