@@ -6,6 +6,7 @@ Gradients: with ``grad="unroll"`` every tensor of a result is differentiable
 ``transport_cost`` are computed from detached potentials and cost. With
 ``grad="none"`` nothing carries gradient.
 """
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 
@@ -76,6 +77,17 @@ class _PlanResult:
     def plan(self):
         """``(…, N, M)`` transport plan."""
         return self._out(self._compute(self._steps.plan))
+
+    def _plan_times(self, scale):
+        """``scale`` (B,) times the plan, as a tensor the caller owns; ``plan`` stays the plan.
+
+        Scaled as it is formed (the torch fast path: in the cached kernel's
+        buffer), so a caller that wants ``scale * plan`` pays no extra pass
+        over the plan, nor a second (…, N, M) buffer.
+        """
+        if "plan" in self.__dict__:
+            return self._out(self.plan * scale.to(self.plan.dtype)[:, None, None])
+        return self._out(self._compute(functools.partial(self._steps.plan, scale=scale)))
 
     @cached_property
     def transport_cost(self):

@@ -83,6 +83,22 @@ def test_swav_targets_match_exp_domain_loop(n, k, n_iters):
     assert (q >= 0).all()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_swav_targets_leave_the_result_plan_intact(backend):
+    """Q is scaled as the plan is formed (in the solver's kernel buffer): the result's plan stays the
+    plan, Q shares no memory with it, and forming the plan first gives the same Q."""
+    scores = cosines(48, 20)
+    q, res = swav_targets(scores, eps=0.05, n_iters=3, backend=backend)
+    plan = res.plan
+    assert plan.data_ptr() != q.data_ptr()
+    assert torch.allclose(plan.sum(), torch.ones((), dtype=plan.dtype), atol=1e-12)
+    assert torch.allclose(q, 48 * plan.T, atol=1e-12, rtol=1e-12), (q - 48 * plan.T).abs().max()
+    # with the plan already formed, the scaled copy comes from it and does not alias it
+    again = res._plan_times(torch.full((1,), 48.0, dtype=plan.dtype))
+    assert again.data_ptr() != plan.data_ptr() and torch.equal(again, 48 * plan)
+    assert torch.allclose(q, swav_sinkhorn_ref(scores, 0.05, 3), atol=1e-6, rtol=0)
+
+
 def test_swav_targets_order_matters():
     """Running the sample side first gives another matrix at 3 iterations (docs/methods.md section 1)."""
     scores = cosines(64, 30)

@@ -152,11 +152,10 @@ def _ours_contender(lib, p, backend):
         scores, batch = p.scores, p.scores.shape[0]
 
         def fn(n):
-            # What a SwAV user runs: Q = B * sinkhorn(-S^T).plan^T (plan materialised, timed).
-            return batch * lib.sinkhorn(-scores.T, eps=eps, n_iters=n, tol=None, grad="none",
-                                        backend=backend).plan.T
+            # What a SwAV user runs: the library's SwAV targets, Q = B * sinkhorn(-S^T).plan^T.
+            return lib.losses.swav_targets(scores, eps=eps, n_iters=n, backend=backend)[0]
         return Contender(fn=fn, solution=lambda q: {"plan": q.double().T / batch},
-                         note="times Q = B * plan^T, plan included")
+                         note="swav_targets: Q = B * plan^T, plan included")
     if p.kind == "partial":
         if not hasattr(lib, "partial_ot"):
             raise RuntimeError("ot_losses.partial_ot not available yet")

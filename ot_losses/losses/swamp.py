@@ -88,7 +88,8 @@ def swav_targets(scores: Tensor, *, eps: Scalar = 0.05, n_iters: int = 3, backen
         res = sinkhorn(-s.T, b=weights, eps=V.check_positive_scalar(eps, "eps"), n_iters=n_iters, grad="none",
                        backend=backend, process_group=process_group,
                        shard_dim=None if process_group is None else 1)
-        q = total * res.plan.T
+        # Scaled as the plan is formed: no pass of its own, no second (K, N) buffer.
+        q = res._plan_times(torch.as_tensor(total, dtype=s.dtype, device=s.device).reshape(1)).T
     return q, res
 
 

@@ -32,6 +32,7 @@ from ._numerics import lse, no_mass, shifted_cost
 
 _TAU = {torch.float64: 200.0, torch.float32: 25.0}
 _PROMOTE_BLOCK = 2 ** 18  # elements of a low-precision cost promoted at once
+_LOG2E = 1.0 / math.log(2.0)
 
 
 class ScalingSteps:
@@ -144,9 +145,11 @@ class ScalingSteps:
     def _seed_kernel(self, eps):
         p, self._seed = self._seed, None
         B, N, M = self._cost.shape
-        # One pass writes the exponents (forbidden: -inf, then 0), one exponentiates in place.
-        K = self._plus_cost(p.unsqueeze(-1) / eps, -1.0 / eps)
-        self._K = K.exp_()
+        # One pass writes the exponents (forbidden: -inf, then 0), one exponentiates in place. In
+        # base 2: exp2 is ~3x cheaper than exp on CPU (the pass that dominates a short solve), and the
+        # exponents round as finely.
+        K = self._plus_cost(p.unsqueeze(-1) * (_LOG2E / eps), -_LOG2E / eps)
+        self._K = K.exp2_()
         self._p, self._q, self._eps = p, torch.zeros((B, M), dtype=self._dtype, device=p.device), eps
 
     def _plus_cost(self, x, alpha):
@@ -182,8 +185,9 @@ class ScalingSteps:
             u, v = torch.exp((f - self._p) / eps), torch.exp((g - self._q) / eps)
             if float(torch.maximum(u.amax(), v.amax())) <= self._w_max:  # one host sync; NaN fails
                 self._K = self._p = self._q = self._eps = None
-                K.mul_(u.unsqueeze(-1)).mul_(v.unsqueeze(-2))
-                return K if scale is None else K.mul_(scale.to(K.dtype)[:, None, None])
+                if scale is not None:  # in u: no pass of its own over the plan
+                    u = u * scale.to(u.dtype).unsqueeze(-1)
+                return K.mul_(u.unsqueeze(-1)).mul_(v.unsqueeze(-2))
         return _torch_steps.plan(cost, f, g, eps, scale=scale, shift=shift)
 
     def _trusted(self, s, hi, n_terms, dead):
